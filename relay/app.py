@@ -1,0 +1,232 @@
+"""Composition root: builds the store, signer, pipeline and servers, and stops them in order.
+
+Start order: Redis (embedded when ``redis.url`` is omitted) → store and retry
+queue → keys, tokens, policy → upstream pool → pipeline → HTTP → SMTP → retry
+worker. Stop order is the reverse, with SMTP first: stop accepting, let
+in-flight transactions finish (``smtp.drain_timeout``), then close the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from relay import redis_client
+from relay.config import Config, load_config
+from relay.embedded import EmbeddedRedis
+from relay.errors import ConfigError
+from relay.metrics import Metrics
+from relay.pipeline import Pipeline
+from relay.policy import Policy
+from relay.retryqueue import RetryQueue, RetryWorker
+from relay.signing import Signer
+from relay.smtp import RelayHandler, RelaySMTP
+from relay.suppression import SuppressionStore
+from relay.tokens import TokenCodec
+from relay.unsubscribe import Unsubscriber
+from relay.upstream import Upstream
+from relay.web import MAX_HEADERS, MAX_LINE, WebApp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What a reload rebuilds: everything that depends only on the config file."""
+
+    policy: Policy
+    tokens: TokenCodec
+    signer: Signer
+    upstream: Upstream
+
+
+def _build_parts(config: Config) -> _Parts:
+    return _Parts(
+        policy=Policy(config.policy),
+        tokens=TokenCodec(config.tokens),
+        signer=Signer.from_config(config.dkim),
+        upstream=Upstream(config.upstream, local_hostname=config.smtp.hostname),
+    )
+
+
+class Relay:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._embedded: EmbeddedRedis | None = None
+        self._redis: Redis | None = None
+        self._smtp_server: asyncio.Server | None = None
+        self._web_runner: web.AppRunner | None = None
+        self._retry_task: asyncio.Task[None] | None = None
+        self._parts: _Parts | None = None
+        self.handler: RelayHandler | None = None
+        self.store: SuppressionStore | None = None
+        self.retry: RetryQueue | None = None
+        self.retry_worker: RetryWorker | None = None
+        self.smtp_port = 0
+        self.http_port = 0
+
+    @property
+    def signer(self) -> Signer:
+        assert self._parts is not None
+        return self._parts.signer
+
+    @property
+    def redis_url(self) -> str:
+        if self.config.redis.url:
+            return self.config.redis.url
+        assert self._embedded is not None
+        return self._embedded.url
+
+    async def start(self) -> None:
+        config = self.config
+        parts = _build_parts(config)
+        if config.redis.url is None:
+            self._embedded = await asyncio.to_thread(EmbeddedRedis().start)
+            log.info("embedded redis started url=%s", self._embedded.url)
+        self._redis = redis_client.connect(self.redis_url, config.redis.timeout)
+        self.store = SuppressionStore(self._redis, config.redis.key_prefix)
+        self.retry = RetryQueue(self._redis, config.redis.key_prefix, config.retry)
+        self._parts = parts
+        pipeline = self._pipeline(config, parts)
+        self.handler = RelayHandler(pipeline, config.smtp, self.metrics)
+
+        unsubscriber = Unsubscriber(parts.tokens, self.store, config.policy, self.metrics)
+        self._web = WebApp(unsubscriber, self.store, self.metrics)
+        self._web_runner = web.AppRunner(
+            self._web.build(config.http.max_body_size),
+            access_log=None,
+            handle_signals=False,
+            max_headers=MAX_HEADERS,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_LINE,
+        )
+        await self._web_runner.setup()
+        site = web.TCPSite(self._web_runner, config.http.listen.host, config.http.listen.port)
+        await site.start()
+        self.http_port = int(self._web_runner.addresses[0][1])
+
+        handler = self.handler
+        loop = asyncio.get_running_loop()
+        self._smtp_server = await loop.create_server(
+            lambda: RelaySMTP(handler, config.smtp),
+            config.smtp.listen.host,
+            config.smtp.listen.port,
+        )
+        self.smtp_port = _bound_port(self._smtp_server)
+
+        self.retry_worker = RetryWorker(
+            self.retry, parts.upstream, self.metrics, config.retry.poll_interval
+        )
+        self._retry_task = loop.create_task(self.retry_worker.run())
+        log.info(
+            "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s",
+            config.smtp.listen.host,
+            self.smtp_port,
+            config.http.listen.host,
+            self.http_port,
+            config.upstream.host,
+            config.upstream.port,
+            ",".join(parts.signer.domains) or "-",
+        )
+
+    def _pipeline(self, config: Config, parts: _Parts) -> Pipeline:
+        assert self.store is not None and self.retry is not None
+        return Pipeline(
+            config=config,
+            policy=parts.policy,
+            store=self.store,
+            tokens=parts.tokens,
+            signer=parts.signer,
+            upstream=parts.upstream,
+            retry=self.retry,
+            metrics=self.metrics,
+        )
+
+    async def reload(self, config: Config) -> None:
+        """Swap in a new config's policy, keys and upstream; listeners stay as they are."""
+        assert self.handler is not None and self._parts is not None and self.store is not None
+        for name in ("smtp", "http", "redis"):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("reload: %s settings change only on restart", name)
+        parts = _build_parts(config)
+        old = self._parts
+        self._parts = parts
+        self.config = config
+        self.handler.pipeline = self._pipeline(config, parts)
+        self._web.unsubscriber = Unsubscriber(parts.tokens, self.store, config.policy, self.metrics)
+        if self.retry_worker is not None:
+            self.retry_worker.upstream = parts.upstream
+        await old.upstream.close()
+        log.info(
+            "reload done senders=%d dkim_keys=%d",
+            len(config.policy.senders),
+            len(config.dkim.keys),
+        )
+
+    async def stop(self) -> None:
+        if self._smtp_server is not None:
+            self._smtp_server.close()
+        if self.handler is not None:
+            left = await self.handler.drain(self.config.smtp.drain_timeout)
+            if left:
+                log.error("shutdown: %d transactions still running were cut", left)
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry_task
+        if self._web_runner is not None:
+            await self._web_runner.cleanup()
+        if self._parts is not None:
+            await self._parts.upstream.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+            self._embedded = None
+        log.info("relay stopped")
+
+
+def _bound_port(server: asyncio.Server) -> int:
+    sock: socket.socket = server.sockets[0]
+    return int(sock.getsockname()[1])
+
+
+async def serve(config: Config, ready: Callable[[Relay], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config file (the old one stays if bad)."""
+    relay = Relay(config)
+    await relay.start()
+    if ready is not None:
+        ready(relay)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    async def reload() -> None:
+        try:
+            new = load_config(config.source)
+            await relay.reload(new)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stopping.wait()
+    log.info("shutdown requested: no new connections, draining in-flight transactions")
+    await relay.stop()
+    return 0

@@ -1,0 +1,633 @@
+"""Configuration: YAML in, frozen dataclasses out, built once and passed in.
+
+This is the only module that reads YAML. Every problem raises ``ConfigError``
+naming the dotted key (``upstream.port: expected an integer 1-65535``); unknown
+keys are errors so that a typo never silently falls back to a default.
+Secrets are read from files named in the config (or environment variables) and
+kept in ``Secret`` objects whose ``repr`` never shows them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from relay.errors import ConfigError
+
+MessageClass = Literal["marketing", "transactional"]
+UnsubscribeScope = Literal["group", "sender", "all_marketing"]
+OnError = Literal["tempfail", "deliver"]
+TlsMode = Literal["none", "starttls", "implicit"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MiB = 1024 * 1024
+DEFAULT_CONFIG_ENV = "ONECLICK_RELAY_CONFIG"
+DEFAULT_TOKEN_MAX_AGE_DAYS = 180
+_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}$")
+
+
+class Secret:
+    """Bytes that never appear in a repr, a log line or an error."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: HostPort = HostPort("127.0.0.1", 2525)
+    allowed_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    hostname: str = field(default_factory=socket.getfqdn)
+    max_message_size: int = 25 * MiB
+    max_recipients: int = 1000
+    timeout: float = 300.0
+    """Idle timeout per client connection; it also runs while DATA is processed."""
+    drain_timeout: float = 30.0
+    """On SIGTERM, how long in-flight transactions may take before they are cut."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: TlsMode = "none"
+    username: str | None = None
+    password: Secret | None = None
+    timeout: float = 30.0
+    connections: int = 8
+    helo_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    public_url: str = "https://unsubscribe.example.com"
+    max_body_size: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOnError:
+    marketing: OnError = "tempfail"
+    transactional: OnError = "deliver"
+
+    def for_class(self, message_class: MessageClass) -> OnError:
+        return self.marketing if message_class == "marketing" else self.transactional
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str | None = None
+    """None means: start an embedded server (demo and single-host trials)."""
+    key_prefix: str = "ocr"
+    timeout: float = 2.0
+    on_error: RedisOnError = RedisOnError()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    id: str
+    secret: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    keys: tuple[TokenKey, ...]
+    max_age_days: int = DEFAULT_TOKEN_MAX_AGE_DAYS
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKeyConfig:
+    domain: str
+    selector: str
+    private_key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    keys: tuple[DkimKeyConfig, ...] = ()
+    require_for_marketing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    name: str
+    display_name: str
+    list_id: str | None = None
+    mailto: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SenderRule:
+    match: str
+    message_class: MessageClass
+    group: str | None
+    unsubscribe_scope: UnsubscribeScope = "group"
+    keep_app_unsubscribe: bool = False
+    """Keep an HTTPS List-Unsubscribe the application set itself instead of ours."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    default_class: MessageClass = "transactional"
+    default_group: str = "default"
+    senders: tuple[SenderRule, ...] = ()
+    groups: Mapping[str, GroupConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_age: float = 5 * 24 * 3600.0
+    first_delay: float = 60.0
+    max_delay: float = 3600.0
+    poll_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    smtp: SmtpConfig
+    upstream: UpstreamConfig
+    http: HttpConfig
+    redis: RedisConfig
+    tokens: TokensConfig
+    dkim: DkimConfig
+    policy: PolicyConfig
+    retry: RetryConfig = RetryConfig()
+    source: Path | None = None
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A mapping being read; remembers which keys were used to flag the rest."""
+
+    def __init__(self, raw: object, path: str, base: Path) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(path or "(top level)", "expected a mapping")
+        self.raw: dict[str, Any] = raw
+        self.path = path
+        self.base = base
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return self.raw.get(name) is not None
+
+    def get(self, name: str, default: T, conv: Callable[[object, str], T]) -> T:
+        self.used.add(name)
+        value = self.raw.get(name)
+        if value is None:
+            return default
+        return conv(value, self.key(name))
+
+    def require(self, name: str, conv: Callable[[object, str], T]) -> T:
+        self.used.add(name)
+        value = self.raw.get(name)
+        if value is None:
+            raise ConfigError(self.key(name), "is required")
+        return conv(value, self.key(name))
+
+    def section(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.raw.get(name), self.key(name), self.base)
+
+    def child(self, raw: object, key: str) -> _Section:
+        return _Section(raw, key, self.base)
+
+    def file(self, name: str) -> Path:
+        """A required, readable file; relative paths are relative to the config file."""
+        path = self.base / self.require(name, _str)
+        if not path.is_file():
+            raise ConfigError(self.key(name), f"file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(self.key(name), f"file not readable: {path}")
+        return path
+
+    def items(self, name: str) -> Iterator[tuple[object, str]]:
+        self.used.add(name)
+        value = self.raw.get(name)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), "expected a list")
+        for index, item in enumerate(value):
+            yield item, f"{self.key(name)}[{index}]"
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise ConfigError(self.key(str(unknown[0])), "unknown key")
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, "expected a non-empty string")
+    return value.strip()
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, "expected true or false")
+    return value
+
+
+def _int_range(low: int, high: int) -> Callable[[object, str], int]:
+    def conv(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(key, f"expected an integer {low}-{high}")
+        return value
+
+    return conv
+
+
+def _seconds(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(key, "expected a positive number of seconds")
+    return float(value)
+
+
+def _size(value: object, key: str) -> int:
+    """Bytes, as an integer or with a unit: 25MiB, 512KiB, 10MB."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)?\s*", value, re.IGNORECASE)
+        if m:
+            units = {"b": 1, "kb": 1000, "mb": 10**6, "gb": 10**9}
+            units |= {"kib": 1024, "mib": MiB, "gib": 1024 * MiB}
+            return int(m.group(1)) * units[(m.group(2) or "b").lower()]
+    raise ConfigError(key, "expected a size in bytes, e.g. 26214400 or 25MiB")
+
+
+def _choice(*options: str) -> Callable[[object, str], Any]:
+    """A converter to one of ``options``; typed Any so Literal fields accept it."""
+
+    def conv(value: object, key: str) -> str:
+        if value not in options:
+            raise ConfigError(key, f"expected one of: {', '.join(options)}")
+        return str(value)
+
+    return conv
+
+
+def _host_port(value: object, key: str) -> HostPort:
+    text = _str(value, key)
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not m:
+        raise ConfigError(key, 'expected "host:port" (IPv6 as "[::1]:port")')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, "port must be 0-65535")
+    return HostPort(host, port)
+
+
+def _network(value: object, key: str) -> Network:
+    try:
+        return ipaddress.ip_network(_str(value, key), strict=False)
+    except ValueError as exc:
+        raise ConfigError(key, f"not an IP network: {exc}") from None
+
+
+def _https_url(value: object, key: str) -> str:
+    text = _str(value, key).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query:
+        raise ConfigError(key, "expected an https:// URL without query string")
+    return text
+
+
+def _redis_url(value: object, key: str) -> str:
+    text = _str(value, key)
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(key, "expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _domain(value: object, key: str) -> str:
+    text = _str(value, key).lower().rstrip(".")
+    try:
+        text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ConfigError(key, "not a valid domain name") from None
+    if not _DOMAIN.match(text):
+        raise ConfigError(key, "not a valid domain name")
+    return text
+
+
+def _secret_from(section: _Section, name: str, *, required: bool) -> Secret | None:
+    """Read ``NAME_file`` (a path) or ``NAME_env`` (an environment variable)."""
+    file_key, env_key = f"{name}_file", f"{name}_env"
+    if section.has(file_key):
+        path = section.file(file_key)
+        section.used.add(env_key)
+        value = path.read_bytes().strip()
+        if not value:
+            raise ConfigError(section.key(file_key), f"file is empty: {path}")
+        return Secret(value)
+    if section.has(env_key):
+        var = section.require(env_key, _str)
+        env_value = os.environ.get(var, "").strip()
+        if not env_value:
+            raise ConfigError(section.key(env_key), f"environment variable {var} is not set")
+        return Secret(env_value.encode())
+    section.used.update({file_key, env_key})
+    if required:
+        raise ConfigError(section.key(file_key), "is required (or set " + env_key + ")")
+    return None
+
+
+def _read_smtp(s: _Section) -> SmtpConfig:
+    d = SmtpConfig()
+    networks = tuple(_network(item, key) for item, key in s.items("allowed_networks"))
+    cfg = SmtpConfig(
+        listen=s.get("listen", d.listen, _host_port),
+        allowed_networks=networks if "allowed_networks" in s.raw else d.allowed_networks,
+        hostname=s.get("hostname", d.hostname, _str),
+        max_message_size=s.get("max_message_size", d.max_message_size, _size),
+        max_recipients=s.get("max_recipients", d.max_recipients, _int_range(1, 100_000)),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        drain_timeout=s.get("drain_timeout", d.drain_timeout, _seconds),
+    )
+    s.done()
+    return cfg
+
+
+def _read_upstream(s: _Section) -> UpstreamConfig:
+    d = UpstreamConfig()
+    cfg = UpstreamConfig(
+        host=s.get("host", d.host, _str),
+        port=s.get("port", d.port, _int_range(1, 65535)),
+        tls=s.get("tls", d.tls, _choice("none", "starttls", "implicit")),
+        username=s.get("username", None, _str),
+        password=_secret_from(s, "password", required=False),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        connections=s.get("connections", d.connections, _int_range(1, 256)),
+        helo_name=s.get("helo_name", None, _str),
+    )
+    if cfg.username and cfg.password is None:
+        raise ConfigError(s.key("password_file"), "is required when username is set")
+    s.done()
+    return cfg
+
+
+def _read_http(s: _Section) -> HttpConfig:
+    d = HttpConfig()
+    cfg = HttpConfig(
+        listen=s.get("listen", d.listen, _host_port),
+        public_url=s.require("public_url", _https_url),
+        max_body_size=s.get("max_body_size", d.max_body_size, _int_range(256, MiB)),
+    )
+    s.done()
+    return cfg
+
+
+def _read_redis(s: _Section) -> RedisConfig:
+    d = RedisConfig()
+    on_error = s.section("on_error")
+    choice = _choice("tempfail", "deliver")
+    cfg = RedisConfig(
+        url=s.get("url", None, _redis_url),
+        key_prefix=s.get("key_prefix", d.key_prefix, _str),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        on_error=RedisOnError(
+            marketing=on_error.get("marketing", d.on_error.marketing, choice),
+            transactional=on_error.get("transactional", d.on_error.transactional, choice),
+        ),
+    )
+    on_error.done()
+    s.done()
+    return cfg
+
+
+def _read_tokens(s: _Section) -> TokensConfig:
+    keys: list[TokenKey] = []
+    for item, key in s.items("keys"):
+        k = s.child(item, key)
+        key_id = k.require("id", _str)
+        if not _KEY_ID.match(key_id):
+            raise ConfigError(k.key("id"), "expected 1-16 characters of A-Z a-z 0-9 _ -")
+        if any(existing.id == key_id for existing in keys):
+            raise ConfigError(k.key("id"), f"duplicate key id {key_id!r}")
+        secret = _secret_from(k, "secret", required=True)
+        assert secret is not None
+        if len(secret.reveal()) < 32:
+            raise ConfigError(
+                k.key("secret_file"), "secret too short: need at least 32 bytes of random data"
+            )
+        k.done()
+        keys.append(TokenKey(key_id, secret))
+    if not keys:
+        raise ConfigError(s.key("keys"), "at least one key is required (the first one issues)")
+    cfg = TokensConfig(
+        keys=tuple(keys),
+        max_age_days=s.get("max_age_days", DEFAULT_TOKEN_MAX_AGE_DAYS, _int_range(30, 3650)),
+    )
+    s.done()
+    return cfg
+
+
+def _read_dkim(top: _Section) -> DkimConfig:
+    """``dkim:`` is a list of keys (the contract), or a mapping with ``keys`` and options."""
+    top.used.add("dkim")
+    raw = top.raw.get("dkim")
+    require = False
+    if raw is None or isinstance(raw, list):
+        items = [(item, f"dkim[{i}]") for i, item in enumerate(raw or [])]
+    else:
+        s = top.section("dkim")
+        require = s.get("require_for_marketing", False, _bool)
+        items = list(s.items("keys"))
+        s.done()
+    keys: list[DkimKeyConfig] = []
+    for item, key in items:
+        k = top.child(item, key)
+        entry = DkimKeyConfig(
+            domain=k.require("domain", _domain),
+            selector=k.require("selector", _selector),
+            private_key_file=k.file("private_key_file"),
+        )
+        k.done()
+        if any((e.domain, e.selector) == (entry.domain, entry.selector) for e in keys):
+            raise ConfigError(key, f"duplicate selector {entry.selector} for {entry.domain}")
+        keys.append(entry)
+    return DkimConfig(keys=tuple(keys), require_for_marketing=require)
+
+
+def _selector(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,62})", text):
+        raise ConfigError(key, "not a valid DKIM selector")
+    return text
+
+
+def _read_policy(s: _Section) -> PolicyConfig:
+    class_choice = _choice("marketing", "transactional")
+    default_class: MessageClass = s.get("default_class", "transactional", class_choice)
+    default_group = s.get("default_group", "default", _group_name)
+    groups: dict[str, GroupConfig] = {}
+    g = s.section("groups")
+    for name in list(g.raw):
+        key = g.key(str(name))
+        _group_name(name, key)
+        gs = g.section(str(name))
+        groups[str(name)] = GroupConfig(
+            name=str(name),
+            display_name=gs.get("display_name", str(name), _str),
+            list_id=gs.get("list_id", None, _list_id),
+            mailto=gs.get("mailto", None, _mailto),
+        )
+        gs.done()
+    g.done()
+    senders: list[SenderRule] = []
+    for item, key in s.items("senders"):
+        r = s.child(item, key)
+        match = r.require("match", _str).lower()
+        if "@" not in match:
+            raise ConfigError(r.key("match"), 'expected an address, "*@domain" or a glob')
+        message_class = r.require("class", class_choice)
+        group = r.get("group", None, _group_name)
+        if message_class == "marketing" and group is None:
+            group = default_group
+        if message_class == "transactional" and group is not None:
+            raise ConfigError(r.key("group"), "only marketing senders have a group")
+        rule = SenderRule(
+            match=match,
+            message_class=message_class,
+            group=group,
+            unsubscribe_scope=r.get(
+                "unsubscribe_scope", "group", _choice("group", "sender", "all_marketing")
+            ),
+            keep_app_unsubscribe=r.get("keep_app_unsubscribe", False, _bool),
+        )
+        r.done()
+        senders.append(rule)
+    cfg = PolicyConfig(
+        default_class=default_class,
+        default_group=default_group,
+        senders=tuple(senders),
+        groups=groups,
+    )
+    s.done()
+    return cfg
+
+
+def _group_name(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not _GROUP.match(text):
+        raise ConfigError(key, "expected 1-64 characters of A-Z a-z 0-9 . _ -")
+    return text
+
+
+def _list_id(value: object, key: str) -> str:
+    text = _str(value, key)
+    if any(ch in text for ch in "\r\n\0") or not text.isascii():
+        raise ConfigError(key, "expected printable ASCII, e.g. News <news.example.com>")
+    return text
+
+
+def _mailto(value: object, key: str) -> str:
+    text = _str(value, key).removeprefix("mailto:")
+    if not re.fullmatch(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+", text):
+        raise ConfigError(key, "expected a plain address such as unsubscribe@example.com")
+    return text
+
+
+def _read_retry(s: _Section) -> RetryConfig:
+    d = RetryConfig()
+    cfg = RetryConfig(
+        max_age=s.get("max_age", d.max_age, _seconds),
+        first_delay=s.get("first_delay", d.first_delay, _seconds),
+        max_delay=s.get("max_delay", d.max_delay, _seconds),
+        poll_interval=s.get("poll_interval", d.poll_interval, _seconds),
+    )
+    s.done()
+    return cfg
+
+
+def parse_config(raw: object, source: Path | None = None) -> Config:
+    """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
+    base = source.parent if source is not None else Path.cwd()
+    top = _Section(raw, "", base)
+    for required in ("http", "tokens"):
+        if not top.has(required):
+            raise ConfigError(required, "is required")
+    config = Config(
+        smtp=_read_smtp(top.section("smtp")),
+        upstream=_read_upstream(top.section("upstream")),
+        http=_read_http(top.section("http")),
+        redis=_read_redis(top.section("redis")),
+        tokens=_read_tokens(top.section("tokens")),
+        dkim=_read_dkim(top),
+        policy=_read_policy(top.section("policy")),
+        retry=_read_retry(top.section("retry")),
+        source=source,
+    )
+    top.done()
+    return config
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read and validate the YAML file at ``path`` (or ``$ONECLICK_RELAY_CONFIG``)."""
+    if path is None:
+        env = os.environ.get(DEFAULT_CONFIG_ENV)
+        if not env:
+            raise ConfigError("-c/--config", f"no config file given (or set {DEFAULT_CONFIG_ENV})")
+        path = env
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("-c/--config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("(file)", f"not valid YAML{where}") from None
+    return parse_config(raw, source=path.resolve())

@@ -1,0 +1,78 @@
+"""Errors that cross module boundaries.
+
+::
+
+    RelayError
+    ├── ConfigError          a YAML key is missing or wrong; names the dotted key
+    ├── StoreUnavailable     Redis could not answer (suppression store, retry queue)
+    └── SmtpError            carries the reply the SMTP client will see
+        ├── TempFail         4xx: the client keeps the message and retries
+        └── PermFail         5xx: the client gets the reason and gives up
+
+Third-party exceptions are translated into these where they enter (``upstream.py``
+for aiosmtplib, ``suppression.py`` for redis-py), so the pipeline only ever sees
+this tree. ``SmtpReply`` is the value the SMTP front end writes to the socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpReply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+
+class RelayError(Exception):
+    """Base of every error the relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class StoreUnavailable(RelayError):
+    """Redis did not answer in time or refused the connection."""
+
+
+class SmtpError(RelayError):
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(f"{code} {enhanced} {text}")
+        self.reply = SmtpReply(code, enhanced, sanitize_reply_text(text))
+
+
+class TempFail(SmtpError):
+    def __init__(self, enhanced: str, text: str, code: int = 451) -> None:
+        super().__init__(code, enhanced, text)
+
+
+class PermFail(SmtpError):
+    def __init__(self, enhanced: str, text: str, code: int = 550) -> None:
+        super().__init__(code, enhanced, text)
+
+
+def sanitize_reply_text(text: str) -> str:
+    """Make text safe for one SMTP reply line: printable ASCII, no CR/LF, bounded."""
+    cleaned = "".join(ch if " " <= ch <= "~" else " " for ch in text)
+    return " ".join(cleaned.split())[:400]

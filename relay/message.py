@@ -1,0 +1,177 @@
+"""A message as bytes: the header block parsed into fields, the body left alone.
+
+The relay never does a MIME parse. It normalises line endings to CRLF once,
+splits the header block into fields (each kept as its exact raw bytes, folding
+included, so DKIM canonicalisation sees what the application wrote), and
+rebuilds the message by joining bytes: unchanged fields are never re-encoded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+from relay.errors import PermFail
+
+MAX_LINE = 998
+MAX_HEADER_BLOCK = 256 * 1024
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_LONG_LINE = re.compile(rb"[^\r\n]{%d,}" % (MAX_LINE + 1))
+
+
+class MessageError(PermFail):
+    """The message cannot be relayed as it is: 550 5.6.0 with the reason."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("5.6.0", text)
+
+
+def normalize_line_endings(data: bytes) -> bytes:
+    """Bare LF and bare CR become CRLF, so what is signed is what is sent."""
+    if b"\r" in data and data.count(b"\n") == data.count(b"\r\n") == data.count(b"\r"):
+        return data
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return _BARE_LF.sub(b"\r\n", _BARE_CR.sub(b"\r\n", data))
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """One header field exactly as written, folding and trailing CRLF included."""
+
+    name: str
+    raw: bytes
+
+    @property
+    def lname(self) -> str:
+        return self.name.lower()
+
+    @property
+    def value(self) -> str:
+        """The unfolded value, decoded leniently (8-bit bytes survive as escapes)."""
+        body = self.raw.split(b":", 1)[1]
+        text = body.decode("utf-8", errors="surrogateescape")
+        return " ".join(text.split())
+
+    @classmethod
+    def build(cls, name: str, value: str) -> Header:
+        return cls(name, fold(name, value))
+
+
+def fold(name: str, value: str) -> bytes:
+    """Render ``Name: value`` folded at ", " and spaces to keep lines short.
+
+    Lines are kept under 78 octets where the value allows and never over 998;
+    a single word longer than that cannot be folded and is rejected.
+    """
+    words = value.split(" ")
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in words:
+        if len(word) + 1 > MAX_LINE - 1:
+            raise ValueError(f"{name}: a word of {len(word)} characters cannot be folded")
+        if len(line) + 1 + len(word) > 78 and line.strip() and line != f"{name}:":
+            lines.append(line)
+            line = " " + word
+        else:
+            line = f"{line} {word}"
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    headers: tuple[Header, ...]
+    body: bytes
+    """Everything after the blank line that ends the header block, CRLF endings."""
+
+    @classmethod
+    def parse(cls, data: bytes) -> Message:
+        data = normalize_line_endings(data)
+        if data.startswith(b"\r\n"):
+            raise MessageError("message has no header block")
+        end = data.find(b"\r\n\r\n")
+        if end > MAX_HEADER_BLOCK or (end < 0 and len(data) > MAX_HEADER_BLOCK):
+            raise PermFail("5.3.4", f"header block larger than {MAX_HEADER_BLOCK} bytes", 552)
+        if end < 0:
+            block, body = data, b""
+            if not block.endswith(b"\r\n"):
+                block += b"\r\n"
+        else:
+            block, body = data[: end + 2], data[end + 4 :]
+        if b"\0" in block:
+            raise MessageError("NUL byte in header block")
+        if _LONG_LINE.search(data):
+            raise MessageError(f"line longer than {MAX_LINE} octets (RFC 5322 2.1.1)")
+        return cls(tuple(_split_fields(block)), body)
+
+    def get_all(self, name: str) -> list[Header]:
+        lname = name.lower()
+        return [h for h in self.headers if h.lname == lname]
+
+    def has(self, name: str) -> bool:
+        lname = name.lower()
+        return any(h.lname == lname for h in self.headers)
+
+    def replace(
+        self,
+        *,
+        remove: Iterable[str] = (),
+        prepend: Sequence[Header] = (),
+        append: Sequence[Header] = (),
+    ) -> Message:
+        """A copy with fields named in ``remove`` dropped and new fields added."""
+        drop = {name.lower() for name in remove}
+        kept = tuple(h for h in self.headers if h.lname not in drop) if drop else self.headers
+        return Message((*prepend, *kept, *append), self.body)
+
+    def header_bytes(self) -> bytes:
+        return b"".join(h.raw for h in self.headers)
+
+    def to_bytes(self) -> bytes:
+        return self.header_bytes() + b"\r\n" + self.body
+
+
+def _split_fields(block: bytes) -> list[Header]:
+    fields: list[Header] = []
+    lines = block.split(b"\r\n")[:-1]
+    current: list[bytes] = []
+    name = ""
+    for number, line in enumerate(lines, start=1):
+        if line[:1] in (b" ", b"\t"):
+            if not current:
+                raise MessageError("header block starts with a continuation line")
+            current.append(line)
+            continue
+        m = _FIELD_NAME.match(line)
+        if m is None:
+            raise MessageError(f"header line {number} is not a 'Name: value' field")
+        if current:
+            fields.append(Header(name, b"\r\n".join(current) + b"\r\n"))
+        name = m.group(1).decode("ascii")
+        current = [line]
+    if current:
+        fields.append(Header(name, b"\r\n".join(current) + b"\r\n"))
+    return fields
+
+
+def from_address(message: Message) -> str:
+    """The single address of the From field, or a 550 5.6.0 saying what is wrong."""
+    fields = message.get_all("From")
+    if not fields:
+        raise MessageError("message has no From header (exactly one From address is required)")
+    if len(fields) > 1:
+        raise MessageError("message has more than one From header")
+    addresses = [addr for _, addr in getaddresses([fields[0].value]) if addr]
+    if not addresses:
+        raise MessageError("From header has no parseable address")
+    if len(addresses) > 1:
+        raise MessageError("From header has more than one address")
+    local, at, domain = addresses[0].rpartition("@")
+    if not at or not local or "." not in domain.strip("."):
+        raise MessageError("From address has no domain")
+    return addresses[0]

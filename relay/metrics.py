@@ -1,0 +1,86 @@
+"""Prometheus metrics, in a registry owned by the app (no module-level state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.messages = Counter(
+            "oneclick_messages",
+            "Messages received over SMTP, by class and outcome.",
+            ["message_class", "outcome"],
+            registry=r,
+        )
+        self.recipients = Counter(
+            "oneclick_recipients",
+            "Recipients handled, by class and outcome (delivered, queued, refused, suppressed).",
+            ["message_class", "outcome"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "oneclick_recipients_suppressed",
+            "Recipients dropped by the suppression list, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "oneclick_rejected",
+            "SMTP commands or messages refused, by reply code and enhanced status.",
+            ["code", "enhanced"],
+            registry=r,
+        )
+        self.upstream_replies = Counter(
+            "oneclick_upstream_replies",
+            "Replies from the upstream MTA per recipient, by code class.",
+            ["code_class"],
+            registry=r,
+        )
+        self.unsigned = Counter(
+            "oneclick_unsigned_messages",
+            "Messages relayed without a DKIM signature (no key for the From domain).",
+            ["message_class"],
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "oneclick_redis_errors",
+            "Suppression lookups that failed, by what was done (tempfail, deliver).",
+            ["action"],
+            registry=r,
+        )
+        self.unsubscribes = Counter(
+            "oneclick_unsubscribes",
+            "Unsubscribe requests honoured, by group and channel.",
+            ["group", "channel"],
+            registry=r,
+        )
+        self.http_rejected = Counter(
+            "oneclick_http_rejected",
+            "HTTP unsubscribe requests refused, by status.",
+            ["status"],
+            registry=r,
+        )
+        self.retry = Counter(
+            "oneclick_retry_queue_events",
+            "Retry queue events (queued, delivered, deferred, expired, refused).",
+            ["event"],
+            registry=r,
+        )
+        self.retry_length = Gauge(
+            "oneclick_retry_queue_length", "Messages waiting in the retry queue.", registry=r
+        )
+        self.stage = Histogram(
+            "oneclick_stage_seconds",
+            "Time spent per pipeline stage.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

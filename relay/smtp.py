@@ -1,0 +1,204 @@
+"""The SMTP front end: aiosmtpd in our own event loop, the only place reply text is made.
+
+``RelaySMTP`` adjusts aiosmtpd where the relay needs other behaviour: clients
+outside ``smtp.allowed_networks`` are refused at the greeting (``554 5.7.1``),
+every reply carries an enhanced status code (RFC 2034), PIPELINING and
+ENHANCEDSTATUSCODES are advertised, and lines up to 1 MiB are read so a message
+with bare LF line endings reaches the pipeline to be normalised instead of being
+cut. ``RelayHandler`` builds the immutable ``Envelope`` and runs the pipeline
+shielded from the client's connection: a client that hangs up after the final
+dot does not cancel a delivery that is already under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as AioEnvelope
+
+from relay.config import SmtpConfig
+from relay.errors import SmtpReply
+from relay.metrics import Metrics
+from relay.model import Envelope
+from relay.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_DEFAULT_ENHANCED = {
+    221: "2.0.0",
+    421: "4.3.0",
+    450: "4.0.0",
+    451: "4.3.0",
+    452: "4.3.1",
+    454: "4.7.0",
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    535: "5.7.8",
+    550: "5.0.0",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.0.0",
+    555: "5.5.4",
+}
+_BAD_ADDRESS_CHARS = frozenset("\r\n\0<>")
+
+
+def with_enhanced_code(status: str) -> str:
+    """Add an RFC 3463 code to a reply aiosmtpd wrote without one.
+
+    The greeting, EHLO/HELO lines, 354 and 334 are left as they are (RFC 2034).
+    """
+    if _HAS_ENHANCED.match(status) or len(status) < 4 or status[3] != " ":
+        return status
+    if status == "250 OK":
+        return "250 2.0.0 OK"
+    code = int(status[:3]) if status[:3].isdigit() else 0
+    enhanced = _DEFAULT_ENHANCED.get(code)
+    return f"{status[:4]}{enhanced} {status[4:]}" if enhanced else status
+
+
+class RelaySMTP(SMTP):
+    line_length_limit = 1024 * 1024
+
+    def __init__(
+        self,
+        handler: RelayHandler,
+        config: SmtpConfig,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname,
+            ident="oneclick-relay",
+            timeout=config.timeout,
+            **kwargs,
+        )
+        self._allowed = config.allowed_networks
+        self._metrics = handler.metrics
+
+    def _peer_allowed(self) -> bool:
+        peer = self.session.peer if self.session else None
+        if not isinstance(peer, tuple) or not peer:
+            return isinstance(peer, str)  # a Unix socket: local by definition
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._allowed)
+
+    async def _handle_client(self) -> None:
+        if not self._peer_allowed():
+            peer = self.session.peer if self.session else None
+            client = peer[0] if isinstance(peer, tuple) else "unknown"
+            log.warning("refused client=%s reason=not-in-allowed-networks", client)
+            await self.push(f"554 5.7.1 {self.hostname} relay access denied for {client}")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            text = with_enhanced_code(status)
+            code = text[:3]
+            if code[:1] in ("4", "5") and code.isdigit():
+                self._metrics.rejected.labels(code, text[4:9].strip()).inc()
+            await super().push(text)
+        else:
+            await super().push(status)
+
+
+class RelayHandler:
+    """aiosmtpd hooks; each returns the literal reply line."""
+
+    def __init__(self, pipeline: Pipeline, config: SmtpConfig, metrics: Metrics) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.metrics = metrics
+        self.inflight: set[asyncio.Task[SmtpReply]] = set()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: AioEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [responses[0], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", *responses[1:]]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: AioEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if _BAD_ADDRESS_CHARS & set(address):
+            return "553 5.1.7 sender address contains forbidden characters"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: AioEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            return f"452 4.5.3 too many recipients (at most {self.config.max_recipients})"
+        if _BAD_ADDRESS_CHARS & set(address):
+            return "553 5.1.3 recipient address contains forbidden characters"
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:
+            return "553 5.1.3 recipient address must be local@domain"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: AioEnvelope) -> str:
+        peer = session.peer if isinstance(session.peer, tuple) else ("127.0.0.1", 0)
+        message = Envelope(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            data=envelope.original_content or b"",
+            client=str(peer[0]),
+            helo=session.host_name or "",
+            mail_options=tuple(envelope.mail_options),
+        )
+        task = asyncio.get_running_loop().create_task(self.pipeline.handle(message))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        reply = await asyncio.shield(task)
+        return str(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("smtp session error=%s", type(error).__name__)
+        return "451 4.3.0 internal error, try again later"
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for in-flight transactions; answers how many were still running after."""
+        if not self.inflight:
+            return 0
+        _, pending = await asyncio.wait(set(self.inflight), timeout=timeout)
+        return len(pending)
