@@ -9,7 +9,6 @@ in-flight transactions finish (``smtp.drain_timeout``), then close the rest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
@@ -179,10 +178,11 @@ class Relay:
             left = await self.handler.drain(self.config.smtp.drain_timeout)
             if left:
                 log.error("shutdown: %d transactions still running were cut", left)
-        if self._retry_task is not None:
-            self._retry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retry_task
+        if self._retry_task is not None and self.retry_worker is not None:
+            self.retry_worker.stop()
+            _, pending = await asyncio.wait({self._retry_task}, timeout=5)
+            for task in pending:
+                task.cancel()
         if self._web_runner is not None:
             await self._web_runner.cleanup()
         if self._parts is not None:

@@ -16,7 +16,6 @@ leaves the item to be claimed again when the lease ends (at-least-once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -169,19 +168,30 @@ class RetryWorker:
         self._metrics = metrics
         self._interval = interval
         self._wake = asyncio.Event()
+        self._stopped = False
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        while True:
+        """Loop until ``stop()``; a stop flag rather than cancellation ends it cleanly."""
+        while not self._stopped:
             try:
                 await self.run_once()
             except (RedisError, StoreUnavailable) as exc:
                 log.warning("retry queue unavailable error=%s", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            if self._stopped:
+                break
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self._interval)
+            finally:
+                waiter.cancel()
             self._wake.clear()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
 
     async def run_once(self, limit: int = 100) -> int:
         items = await self._queue.claim(limit)

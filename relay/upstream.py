@@ -176,7 +176,8 @@ class Upstream:
         for client in clients:
             try:
                 if client.is_connected:
-                    await asyncio.wait_for(client.quit(), timeout=2)
+                    async with asyncio.timeout(2):
+                        await client.quit()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 client.close()
         for _ in range(self._config.connections):

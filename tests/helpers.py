@@ -1,0 +1,60 @@
+"""Helpers for the tests (importable as ``helpers``; see ``pythonpath`` in pyproject)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import yaml
+
+from relay.config import Config, parse_config
+
+DATA = Path(__file__).parent / "data"
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    return parse_config(copy.deepcopy(raw))
+
+
+async def smtp_send(
+    port: int, mail_from: str, rcpts: list[str], data: bytes, host: str = "127.0.0.1"
+) -> tuple[int, str]:
+    """Send one message; returns the reply to DATA (or to the first refused command)."""
+    client = aiosmtplib.SMTP(hostname=host, port=port, timeout=15)
+    await client.connect()
+    try:
+        try:
+            await client.mail(mail_from)
+            for rcpt in rcpts:
+                await client.rcpt(rcpt)
+            response = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            return exc.code, exc.message
+        return response.code, response.message
+    finally:
+        try:
+            await client.quit()
+        except aiosmtplib.SMTPException:
+            client.close()
+
+
+def message(
+    sender: str = "news@example.com",
+    to: str = "alice@example.net",
+    subject: str = "Hello",
+    body: str = "Hello there.\r\n",
+    extra: str = "",
+) -> bytes:
+    return (
+        f"From: Example <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{os.urandom(6).hex()}@example.com>\r\n{extra}"
+        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}"
+    ).encode()
+
+
+def write_yaml(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
