@@ -111,8 +111,10 @@ class TokenCodec:
             raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         except (binascii.Error, ValueError):
             raise MalformedToken("token is not base64url") from None
-        if len(raw) < _NONCE + 16 + 5 or "=" in payload:
+        if len(raw) < _NONCE + 16 + 5:
             raise MalformedToken("token too short")
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != payload:
+            raise MalformedToken("token is not in canonical base64url")
         try:
             plain = cipher.decrypt(raw[:_NONCE], raw[_NONCE:], key_id.encode("ascii"))
         except InvalidTag:

@@ -17,7 +17,7 @@ from aiohttp import web
 from relay.errors import StoreUnavailable
 from relay.metrics import Metrics
 from relay.suppression import SuppressionStore
-from relay.tokens import TokenError
+from relay.tokens import ExpiredToken, TokenError
 from relay.unsubscribe import Unsubscriber
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,9 @@ class WebApp:
         self._metrics.http_rejected.labels(str(exc.status)).inc()
         log.info("unsubscribe refused status=%d reason=%s", exc.status, exc)
         text = (
-            "This unsubscribe link is not valid."
-            if exc.status != 400 or "expired" not in str(exc)
-            else "This unsubscribe link has expired."
+            "This unsubscribe link has expired."
+            if isinstance(exc, ExpiredToken)
+            else "This unsubscribe link is not valid."
         )
         if html_page:
             return _page("Link not valid", f"<p>{html.escape(text)}</p>", exc.status)
