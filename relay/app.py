@@ -22,6 +22,7 @@ from relay import redis_client
 from relay.config import Config, load_config
 from relay.embedded import EmbeddedRedis
 from relay.errors import ConfigError
+from relay.looplag import LoopLagMonitor
 from relay.metrics import Metrics
 from relay.pipeline import Pipeline
 from relay.policy import Policy
@@ -57,14 +58,18 @@ def _build_parts(config: Config) -> _Parts:
 
 
 class Relay:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+        """``reuse_port``: several worker processes share the listening ports."""
         self.config = config
+        self._reuse_port = reuse_port
         self.metrics = Metrics()
         self._embedded: EmbeddedRedis | None = None
         self._redis: Redis | None = None
         self._smtp_server: asyncio.Server | None = None
         self._web_runner: web.AppRunner | None = None
         self._retry_task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        self.loop_lag: LoopLagMonitor | None = None
         self._parts: _Parts | None = None
         self.handler: RelayHandler | None = None
         self.store: SuppressionStore | None = None
@@ -109,7 +114,12 @@ class Relay:
             max_field_size=MAX_LINE,
         )
         await self._web_runner.setup()
-        site = web.TCPSite(self._web_runner, config.http.listen.host, config.http.listen.port)
+        site = web.TCPSite(
+            self._web_runner,
+            config.http.listen.host,
+            config.http.listen.port,
+            reuse_port=self._reuse_port or None,
+        )
         await site.start()
         self.http_port = int(self._web_runner.addresses[0][1])
 
@@ -119,6 +129,7 @@ class Relay:
             lambda: RelaySMTP(handler, config.smtp),
             config.smtp.listen.host,
             config.smtp.listen.port,
+            reuse_port=self._reuse_port or None,
         )
         self.smtp_port = _bound_port(self._smtp_server)
 
@@ -126,6 +137,8 @@ class Relay:
             self.retry, parts.upstream, self.metrics, config.retry.poll_interval
         )
         self._retry_task = loop.create_task(self.retry_worker.run())
+        self.loop_lag = LoopLagMonitor(self.metrics)
+        self._lag_task = loop.create_task(self.loop_lag.run())
         log.info(
             "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s",
             config.smtp.listen.host,
@@ -178,9 +191,13 @@ class Relay:
             left = await self.handler.drain(self.config.smtp.drain_timeout)
             if left:
                 log.error("shutdown: %d transactions still running were cut", left)
-        if self._retry_task is not None and self.retry_worker is not None:
+        if self.retry_worker is not None:
             self.retry_worker.stop()
-            _, pending = await asyncio.wait({self._retry_task}, timeout=5)
+        if self.loop_lag is not None:
+            self.loop_lag.stop()
+        background = {t for t in (self._retry_task, self._lag_task) if t is not None}
+        if background:
+            _, pending = await asyncio.wait(background, timeout=5)
             for task in pending:
                 task.cancel()
         if self._web_runner is not None:
@@ -200,9 +217,14 @@ def _bound_port(server: asyncio.Server) -> int:
     return int(sock.getsockname()[1])
 
 
-async def serve(config: Config, ready: Callable[[Relay], None] | None = None) -> int:
+async def serve(
+    config: Config,
+    ready: Callable[[Relay], None] | None = None,
+    *,
+    reuse_port: bool = False,
+) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config file (the old one stays if bad)."""
-    relay = Relay(config)
+    relay = Relay(config, reuse_port=reuse_port)
     await relay.start()
     if ready is not None:
         ready(relay)

@@ -111,9 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "serve":
-        from relay.app import serve
+        from relay.workers import run_workers
 
-        return run_async(serve(load_config(args.config)))
+        return run_workers(load_config(args.config))
     if command == "check-config":
         return check_config(load_config(args.config))
     if command == "demo":

@@ -81,6 +81,8 @@ class SmtpConfig:
     """Idle timeout per client connection; it also runs while DATA is processed."""
     drain_timeout: float = 30.0
     """On SIGTERM, how long in-flight transactions may take before they are cut."""
+    workers: int = 1
+    """Processes sharing the listening ports (SO_REUSEPORT); the YAML default is the core count."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +395,7 @@ def _read_smtp(s: _Section) -> SmtpConfig:
         max_recipients=s.get("max_recipients", d.max_recipients, _int_range(1, 100_000)),
         timeout=s.get("timeout", d.timeout, _seconds),
         drain_timeout=s.get("drain_timeout", d.drain_timeout, _seconds),
+        workers=s.get("workers", os.cpu_count() or 1, _int_range(1, 256)),
     )
     s.done()
     return cfg

@@ -82,5 +82,17 @@ class Metrics:
             registry=r,
         )
 
+        self.loop_lag = Histogram(
+            "oneclick_event_loop_lag_seconds",
+            "How late the event loop ran a timer (a stalled loop delays every client).",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "oneclick_event_loop_lag_max_seconds",
+            "Worst event-loop lag seen since the process started.",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

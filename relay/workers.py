@@ -1,0 +1,100 @@
+"""``smtp.workers``: N relay processes sharing the listening ports with SO_REUSEPORT.
+
+The relay is stateless (all state is in Redis), so one host scales with its cores by
+running one event loop per core. The parent process only supervises: it starts the
+embedded Redis when ``redis.url`` is omitted (so every worker shares it), turns
+port 0 into a real free port, forks the workers, forwards SIGTERM/SIGINT/SIGHUP to
+them, and restarts a worker that died unexpectedly.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from relay.config import Config, HostPort
+from relay.embedded import EmbeddedRedis, free_port
+
+log = logging.getLogger(__name__)
+
+
+def _child(config: Config) -> None:
+    from relay.app import serve
+    from relay.cli import run_async
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    raise SystemExit(run_async(serve(config, reuse_port=True)))
+
+
+def _concrete(listen: HostPort) -> HostPort:
+    return listen if listen.port else HostPort(listen.host, free_port())
+
+
+def run_workers(config: Config) -> int:
+    """Serve with ``config.smtp.workers`` processes; returns the exit status."""
+    from relay.app import serve
+    from relay.cli import run_async
+
+    if config.smtp.workers <= 1:
+        return run_async(serve(config))
+
+    embedded = None
+    if config.redis.url is None:
+        embedded = EmbeddedRedis().start()
+        config = replace(config, redis=replace(config.redis, url=embedded.url))
+    config = replace(
+        config,
+        smtp=replace(config.smtp, listen=_concrete(config.smtp.listen)),
+        http=replace(config.http, listen=_concrete(config.http.listen)),
+    )
+    ctx = multiprocessing.get_context("fork")
+    stopping = False
+    procs: list[BaseProcess] = []
+
+    def start() -> BaseProcess:
+        proc = ctx.Process(target=_child, args=(config,), daemon=False)
+        proc.start()
+        return proc
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for proc in procs:
+            if proc.pid and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    try:
+        procs.extend(start() for _ in range(config.smtp.workers))
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        log.info(
+            "started %d workers smtp=%s http=%s", len(procs), config.smtp.listen, config.http.listen
+        )
+        while procs:
+            for proc in list(procs):
+                proc.join(timeout=0.2)
+                if proc.exitcode is None:
+                    continue
+                if stopping:
+                    procs.remove(proc)
+                elif proc.exitcode == 2:
+                    log.error("worker exited with a config error; stopping")
+                    stopping = True
+                    forward(signal.SIGTERM, None)
+                    procs.remove(proc)
+                else:
+                    log.error("worker pid=%s died status=%s; restarting", proc.pid, proc.exitcode)
+                    time.sleep(0.5)
+                    procs[procs.index(proc)] = start()
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
