@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from relay import redis_client
-from relay.config import Config, load_config
+from relay.auth import Users
+from relay.config import Config, SmtpTlsConfig, load_config
 from relay.embedded import EmbeddedRedis
 from relay.errors import ConfigError
 from relay.looplag import LoopLagMonitor
@@ -101,7 +103,9 @@ class Relay:
         self.retry = RetryQueue(self._redis, config.redis.key_prefix, config.retry)
         self._parts = parts
         pipeline = self._pipeline(config, parts)
-        self.handler = RelayHandler(pipeline, config.smtp, self.metrics)
+        users = Users.load(config.smtp.auth_users_file) if config.smtp.auth_users_file else None
+        self.handler = RelayHandler(pipeline, config.smtp, self.metrics, users)
+        tls_context = _server_tls(config.smtp.tls) if config.smtp.tls else None
 
         unsubscriber = Unsubscriber(parts.tokens, self.store, config.policy, self.metrics)
         self._web = WebApp(unsubscriber, self.store, self.metrics)
@@ -125,11 +129,13 @@ class Relay:
 
         handler = self.handler
         loop = asyncio.get_running_loop()
+        implicit = config.smtp.tls is not None and config.smtp.tls.mode == "implicit"
         self._smtp_server = await loop.create_server(
-            lambda: RelaySMTP(handler, config.smtp),
+            lambda: RelaySMTP(handler, config.smtp, tls_context),
             config.smtp.listen.host,
             config.smtp.listen.port,
             reuse_port=self._reuse_port or None,
+            ssl=tls_context if implicit else None,
         )
         self.smtp_port = _bound_port(self._smtp_server)
 
@@ -210,6 +216,16 @@ class Relay:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
         log.info("relay stopped")
+
+
+def _server_tls(config: SmtpTlsConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.cert_file, config.key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("smtp.tls.cert_file", f"cannot load certificate/key: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _bound_port(server: asyncio.Server) -> int:

@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
 
     tk = sub.add_parser("token-keygen", help="write a random token secret file (mode 0600)")
     tk.add_argument("--out", type=Path, required=True)
+
+    pw = sub.add_parser("passwd", help="add or change an SMTP AUTH user (password on stdin)")
+    pw.add_argument("users_file", type=Path)
+    pw.add_argument("username")
     return p
 
 
@@ -131,6 +135,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"private key: {path} (mode 0600)")
         print("publish this DNS record:")
         print(record)
+        return 0
+    if command == "passwd":
+        from relay.auth import set_password
+
+        if sys.stdin.isatty():
+            import getpass
+
+            password = getpass.getpass(f"password for {args.username}: ")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+        if len(password) < 8:
+            print("error: the password must have at least 8 characters", file=sys.stderr)
+            return 1
+        set_password(args.users_file, args.username, password)
+        print(f"{args.username} written to {args.users_file}")
         return 0
     if command == "token-keygen":
         from relay.keygen import token_keygen

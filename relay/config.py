@@ -68,6 +68,13 @@ class HostPort:
 
 
 @dataclass(frozen=True, slots=True)
+class SmtpTlsConfig:
+    cert_file: Path
+    key_file: Path
+    mode: Literal["starttls", "implicit"] = "starttls"
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpConfig:
     listen: HostPort = HostPort("127.0.0.1", 2525)
     allowed_networks: tuple[Network, ...] = (
@@ -83,6 +90,9 @@ class SmtpConfig:
     """On SIGTERM, how long in-flight transactions may take before they are cut."""
     workers: int = 1
     """Processes sharing the listening ports (SO_REUSEPORT); the YAML default is the core count."""
+    tls: SmtpTlsConfig | None = None
+    auth_users_file: Path | None = None
+    """SMTP AUTH users (``oneclick-relay passwd``); lets clients outside allowed_networks in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,9 +406,30 @@ def _read_smtp(s: _Section) -> SmtpConfig:
         timeout=s.get("timeout", d.timeout, _seconds),
         drain_timeout=s.get("drain_timeout", d.drain_timeout, _seconds),
         workers=s.get("workers", os.cpu_count() or 1, _int_range(1, 256)),
+        tls=_read_smtp_tls(s.section("tls")) if s.has("tls") else None,
+        auth_users_file=_read_smtp_auth(s.section("auth")) if s.has("auth") else None,
+    )
+    s.used.update({"tls", "auth"})
+    if cfg.auth_users_file is not None and cfg.tls is None:
+        raise ConfigError(s.key("auth"), "needs smtp.tls: passwords are only taken over TLS")
+    s.done()
+    return cfg
+
+
+def _read_smtp_tls(s: _Section) -> SmtpTlsConfig:
+    cfg = SmtpTlsConfig(
+        cert_file=s.file("cert_file"),
+        key_file=s.file("key_file"),
+        mode=s.get("mode", "starttls", _choice("starttls", "implicit")),
     )
     s.done()
     return cfg
+
+
+def _read_smtp_auth(s: _Section) -> Path:
+    path = s.file("users_file")
+    s.done()
+    return path
 
 
 def _read_upstream(s: _Section) -> UpstreamConfig:

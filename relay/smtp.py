@@ -16,11 +16,13 @@ import asyncio
 import ipaddress
 import logging
 import re
+import ssl
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
+from relay.auth import Users
 from relay.config import SmtpConfig
 from relay.errors import SmtpReply
 from relay.metrics import Metrics
@@ -74,8 +76,10 @@ class RelaySMTP(SMTP):
         self,
         handler: RelayHandler,
         config: SmtpConfig,
+        tls_context: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
+        implicit = config.tls is not None and config.tls.mode == "implicit"
         super().__init__(
             handler,
             data_size_limit=config.max_message_size,
@@ -84,10 +88,15 @@ class RelaySMTP(SMTP):
             hostname=config.hostname,
             ident="oneclick-relay",
             timeout=config.timeout,
+            tls_context=None if implicit else tls_context,
+            auth_require_tls=not implicit,
+            authenticator=handler.authenticate,
             **kwargs,
         )
         self._allowed = config.allowed_networks
         self._metrics = handler.metrics
+        self.trusted = False
+        """The client is in allowed_networks; others must authenticate before MAIL."""
 
     def _peer_allowed(self) -> bool:
         peer = self.session.peer if self.session else None
@@ -102,7 +111,8 @@ class RelaySMTP(SMTP):
         return any(address in network for network in self._allowed)
 
     async def _handle_client(self) -> None:
-        if not self._peer_allowed():
+        self.trusted = self._peer_allowed()
+        if not self.trusted and self.event_handler.users is None:
             peer = self.session.peer if self.session else None
             client = peer[0] if isinstance(peer, tuple) else "unknown"
             log.warning("refused client=%s reason=not-in-allowed-networks", client)
@@ -126,10 +136,17 @@ class RelaySMTP(SMTP):
 class RelayHandler:
     """aiosmtpd hooks; each returns the literal reply line."""
 
-    def __init__(self, pipeline: Pipeline, config: SmtpConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        config: SmtpConfig,
+        metrics: Metrics,
+        users: Users | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.config = config
         self.metrics = metrics
+        self.users = users
         self.inflight: set[asyncio.Task[SmtpReply]] = set()
 
     async def handle_EHLO(
@@ -141,7 +158,27 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        if self.users is None:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
         return [responses[0], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", *responses[1:]]
+
+    def authenticate(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: AioEnvelope,
+        mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        if self.users is None or not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", errors="replace")
+        ok = self.users.verify(login, auth_data.password.decode("utf-8", errors="replace"))
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "local"
+        log.info("auth user=%s mechanism=%s client=%s ok=%s", login[:64], mechanism, peer, ok)
+        if not ok:
+            self.metrics.rejected.labels("535", "5.7.8").inc()
+        return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
 
     async def handle_MAIL(
         self,
@@ -151,6 +188,8 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if not getattr(server, "trusted", False) and not session.authenticated:
+            return "530 5.7.0 authentication required"
         if _BAD_ADDRESS_CHARS & set(address):
             return "553 5.1.7 sender address contains forbidden characters"
         envelope.mail_from = address
