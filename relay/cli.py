@@ -33,7 +33,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
         stream=sys.stderr,
     )
     for noisy in ("mail.log", "aiosmtpd", "aiohttp.access"):
