@@ -55,7 +55,8 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        self._dir = tempfile.TemporaryDirectory(prefix="oneclick-redis-")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="oneclick-redis-")
         args = [
             self.binary,
             "--port", str(self.port),
