@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
-from relay import redis_client
+from relay import redis_client, sdnotify
 from relay.auth import Users
 from relay.config import Config, SmtpTlsConfig, load_config
 from relay.embedded import EmbeddedRedis
@@ -250,11 +250,14 @@ async def serve(
         loop.add_signal_handler(sig, stopping.set)
 
     async def reload() -> None:
+        sdnotify.notify("RELOADING=1")
         try:
             new = load_config(config.source)
             await relay.reload(new)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+        finally:
+            sdnotify.notify("READY=1")
 
     reloads: set[asyncio.Task[None]] = set()
 
@@ -264,7 +267,11 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    sdnotify.notify(
+        f"READY=1\nSTATUS=smtp {relay.smtp_port} http {relay.http_port}\nMAINPID={os.getpid()}"
+    )
     await stopping.wait()
+    sdnotify.notify("STOPPING=1")
     log.info("shutdown requested: no new connections, draining in-flight transactions")
     await relay.stop()
     return 0
