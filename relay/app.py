@@ -267,9 +267,7 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    sdnotify.notify(
-        f"READY=1\nSTATUS=smtp {relay.smtp_port} http {relay.http_port}\nMAINPID={os.getpid()}"
-    )
+    sdnotify.notify(f"READY=1\nSTATUS=serving smtp {relay.smtp_port} http {relay.http_port}")
     await stopping.wait()
     sdnotify.notify("STOPPING=1")
     log.info("shutdown requested: no new connections, draining in-flight transactions")
