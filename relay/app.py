@@ -31,7 +31,7 @@ from relay.policy import Policy
 from relay.retryqueue import RetryQueue, RetryWorker
 from relay.signing import Signer
 from relay.smtp import RelayHandler, RelaySMTP
-from relay.suppression import SuppressionStore
+from relay.suppression import SuppressionPolicy, SuppressionStore
 from relay.tokens import TokenCodec
 from relay.unsubscribe import Unsubscriber
 from relay.upstream import Upstream
@@ -99,7 +99,11 @@ class Relay:
             self._embedded = await asyncio.to_thread(EmbeddedRedis().start)
             log.info("embedded redis started url=%s", self._embedded.url)
         self._redis = redis_client.connect(self.redis_url, config.redis.timeout)
-        self.store = SuppressionStore(self._redis, config.redis.key_prefix)
+        self.store = SuppressionStore(
+            self._redis,
+            config.redis.key_prefix,
+            policy=SuppressionPolicy.from_config(config.suppression),
+        )
         self.retry = RetryQueue(self._redis, config.redis.key_prefix, config.retry)
         self._parts = parts
         pipeline = self._pipeline(config, parts)
@@ -179,6 +183,7 @@ class Relay:
         old = self._parts
         self._parts = parts
         self.config = config
+        self.store.set_policy(SuppressionPolicy.from_config(config.suppression))
         self.handler.pipeline = self._pipeline(config, parts)
         self._web.unsubscriber = Unsubscriber(parts.tokens, self.store, config.policy, self.metrics)
         if self.retry_worker is not None:

@@ -6,17 +6,18 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Coroutine, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from relay import __version__
-from relay.config import Config, load_config
+from relay.config import load_config
 from relay.errors import ConfigError, StoreUnavailable
+from relay.suppression import REASONS
 
 T = TypeVar("T")
+MANUAL_REASONS = tuple(r for r in REASONS if r not in ("pattern", "soft-bounce"))
 EXIT_CONFIG = 2
 
 
@@ -64,19 +65,49 @@ def _parser() -> argparse.ArgumentParser:
 
     sup = with_config(sub.add_parser("suppress", help="manage the suppression list"))
     sup_sub = sup.add_subparsers(dest="action", required=True)
-    for name in ("add", "remove"):
-        sp = sup_sub.add_parser(name)
-        sp.add_argument("address")
+
+    def scope_flags(sp: argparse.ArgumentParser) -> None:
         scope = sp.add_mutually_exclusive_group()
         scope.add_argument("--group", help="one marketing group (default: global)")
         scope.add_argument("--sender", help="one From address")
-        sp.add_argument("--reason", default="manual" if name == "add" else None)
-        if name == "add":
-            sp.add_argument("--expires-days", type=float, help="expire after N days")
-    show = sup_sub.add_parser("show", help="every entry for one address")
+
+    add = sup_sub.add_parser("add", help="suppress an address")
+    add.add_argument("address")
+    scope_flags(add)
+    add.add_argument("--reason", default="manual", choices=list(MANUAL_REASONS))
+    add.add_argument("--expires-days", type=float, help="expire after N days")
+    remove = sup_sub.add_parser("remove", help="re-subscribe: delete entries (audited)")
+    remove.add_argument("address")
+    scope_flags(remove)
+    remove.add_argument("--reason")
+    remove.add_argument("--force", action="store_true", help="also remove complaint entries")
+    show = sup_sub.add_parser("show", help="every entry for one address, and why")
     show.add_argument("address")
-    lst = sup_sub.add_parser("list", help="every entry (streamed)")
+    lst = sup_sub.add_parser("list", help="entries, streamed")
+    scope_flags(lst)
+    lst.add_argument("--reason")
+    lst.add_argument("--all", action="store_true", help="include expired entries")
     lst.add_argument("--limit", type=int, default=0)
+    imp = sup_sub.add_parser("import", help="CSV with an 'address' column, or one per line")
+    imp.add_argument("file", type=Path, help="file to read ('-' for stdin)")
+    scope_flags(imp)
+    imp.add_argument("--reason", default="manual", choices=list(MANUAL_REASONS))
+    imp.add_argument("--dry-run", action="store_true")
+    exp = sup_sub.add_parser("export", help="CSV of live entries, streamed")
+    scope_flags(exp)
+    exp.add_argument("--reason")
+    exp.add_argument("--since", type=date.fromisoformat, help="created on or after YYYY-MM-DD")
+    exp.add_argument("--until", type=date.fromisoformat, help="created on or before YYYY-MM-DD")
+    exp.add_argument("--out", type=Path, help="file (default: stdout)")
+    sup_sub.add_parser("stats", help="counts per scope and reason, unsubscribes per day")
+    pat = sup_sub.add_parser("pattern", help="domain or address-glob patterns never mailed")
+    pat.add_argument("pattern_action", choices=["add", "remove", "list"])
+    pat.add_argument("pattern", nargs="?")
+
+    events = with_config(sub.add_parser("events", help="the stream of suppression changes"))
+    events.add_argument("action", choices=["tail"])
+    events.add_argument("--from-start", action="store_true", help="replay the whole stream")
+    events.add_argument("--count", type=int, default=0, help="stop after N events")
 
     queue = with_config(sub.add_parser("queue", help="the retry queue"))
     queue.add_argument("action", choices=["list"])
@@ -119,15 +150,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_workers(load_config(args.config))
     if command == "check-config":
+        from relay.commands import check_config
+
         return check_config(load_config(args.config))
     if command == "demo":
         from relay.demo import run_demo
 
         return run_async(run_demo(out=args.out, keep_running=args.keep_running))
-    if command == "suppress":
-        return run_async(_suppress(args, load_config(args.config)))
-    if command == "queue":
-        return run_async(_queue_list(load_config(args.config)))
+    if command in ("suppress", "queue", "events"):
+        from relay import commands
+
+        return run_async(commands.run_store_command(args, load_config(args.config)))
     if command == "dkim-keygen":
         from relay.keygen import dkim_keygen
 
@@ -158,128 +191,3 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"token secret written to {args.out} (mode 0600)")
         return 0
     raise AssertionError(command)
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
-
-
-def check_config(config: Config) -> int:
-    from relay.policy import Policy
-    from relay.signing import Signer
-
-    signer = Signer.from_config(config.dkim)
-    policy = Policy(config.policy)
-    print(f"config OK: {config.source}")
-    print(f"  smtp   listen {config.smtp.listen}, allowed {len(config.smtp.allowed_networks)} nets")
-    print(f"  upstream {config.upstream.host}:{config.upstream.port} tls={config.upstream.tls}")
-    print(f"  http   listen {config.http.listen}, public {config.http.public_url}/u/<token>")
-    redis = redact_url(config.redis.url) if config.redis.url else "embedded (no redis.url)"
-    print(f"  redis  {redis}")
-    print(
-        f"  tokens issue with {config.tokens.keys[0].id!r}, verify {len(config.tokens.keys)} key(s)"
-    )
-    for key in config.dkim.keys:
-        print(f"  dkim   d={key.domain} s={key.selector}")
-    print("routes (first match wins):")
-    for line in policy.describe():
-        print(f"  {line}")
-    warnings = 0
-    for rule in config.policy.senders:
-        if rule.message_class != "marketing":
-            continue
-        domain = rule.match.rpartition("@")[2]
-        if any(ch in domain for ch in "*?["):
-            continue
-        if not signer.keys_for(domain):
-            warnings += 1
-            print(
-                f"WARNING: marketing sender {rule.match!r} has no DKIM key for {domain}:"
-                " mailbox providers will not offer one-click unsubscribe",
-                file=sys.stderr,
-            )
-    return 0
-
-
-async def _suppress(args: argparse.Namespace, config: Config) -> int:
-    from relay import redis_client
-    from relay.suppression import SuppressionStore, describe_scope, parse_scope
-
-    if not config.redis.url:
-        raise ConfigError("redis.url", "the CLI needs a shared Redis (the embedded one is private)")
-    redis = redis_client.connect(config.redis.url, config.redis.timeout)
-    store = SuppressionStore(redis, config.redis.key_prefix)
-    now = time.time()
-    try:
-        if args.action == "add":
-            scope_add = parse_scope(args.group, args.sender)
-            ttl = args.expires_days * 86400 if args.expires_days else None
-            new = await store.add(args.address, scope_add, args.reason, source="cli", ttl=ttl)
-            print(
-                ("added" if new else "already present")
-                + f": {args.address} {describe_scope(scope_add)}"
-            )
-        elif args.action == "remove":
-            scope: str | None = (
-                parse_scope(args.group, args.sender) if args.group or args.sender else None
-            )
-            removed = await store.remove(args.address, scope, args.reason, source="cli")
-            print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}")
-            return 0 if removed else 1
-        elif args.action == "show":
-            entries = await store.entries(args.address)
-            if not entries:
-                print(f"{args.address}: not suppressed")
-            for e in entries:
-                print(_entry_line(e, now))
-        else:
-            count = 0
-            async for e in store.scan():
-                print(_entry_line(e, now))
-                count += 1
-                if args.limit and count >= args.limit:
-                    break
-    finally:
-        await redis.aclose()
-    return 0
-
-
-def _entry_line(e: Any, now: float) -> str:
-    from relay.suppression import describe_scope
-
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.created))
-    expires = (
-        "never" if not e.expires else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.expires))
-    )
-    state = "live" if e.live(now) else "expired"
-    return (
-        f"{e.address}\t{describe_scope(e.scope)}\t{e.reason}\tcreated={created}"
-        f"\texpires={expires}\tsource={e.source}\t{state}"
-    )
-
-
-async def _queue_list(config: Config) -> int:
-    from relay import redis_client
-    from relay.retryqueue import RetryQueue
-
-    if not config.redis.url:
-        raise ConfigError("redis.url", "the CLI needs a shared Redis (the embedded one is private)")
-    redis = redis_client.connect(config.redis.url, config.redis.timeout)
-    try:
-        items = await RetryQueue(redis, config.redis.key_prefix, config.retry).list()
-    finally:
-        await redis.aclose()
-    print(f"{len(items)} message(s) in the retry queue")
-    for item in items:
-        due = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.due))
-        print(
-            f"{item.id}\trcpt={item.rcpt}\tfrom={item.mail_from}\tattempts={item.attempts}"
-            f"\tnext={due}\tlast={item.reply}"
-        )
-    return 0

@@ -184,6 +184,17 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SuppressionConfig:
+    """Expiry per reason in days (None: never) and address patterns never to mail."""
+
+    hard_bounce_days: float | None = 180
+    soft_bounce_days: tuple[float, ...] = (7, 14, 30, 180)
+    manual_days: float | None = None
+    patterns: tuple[str, ...] = ()
+    patterns_block_transactional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class RetryConfig:
     max_age: float = 5 * 24 * 3600.0
     first_delay: float = 60.0
@@ -201,6 +212,7 @@ class Config:
     dkim: DkimConfig
     policy: PolicyConfig
     retry: RetryConfig = RetryConfig()
+    suppression: SuppressionConfig = SuppressionConfig()
     source: Path | None = None
 
 
@@ -624,6 +636,42 @@ def _read_retry(s: _Section) -> RetryConfig:
     return cfg
 
 
+def _days_or_never(value: object, key: str) -> float | None:
+    if value == "never":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(key, 'expected a positive number of days or "never"')
+    return float(value)
+
+
+def _pattern(value: object, key: str) -> str:
+    text = _str(value, key).lower()
+    if any(ch.isspace() for ch in text) or text.count("@") > 1:
+        raise ConfigError(key, 'expected a domain, "@domain" or an address glob')
+    return text
+
+
+def _read_suppression(s: _Section) -> SuppressionConfig:
+    d = SuppressionConfig()
+    soft = tuple(_days(item, key) for item, key in s.items("soft_bounce_days"))
+    cfg = SuppressionConfig(
+        hard_bounce_days=s.get("hard_bounce_days", d.hard_bounce_days, _days_or_never),
+        soft_bounce_days=soft or d.soft_bounce_days,
+        manual_days=s.get("manual_days", None, _days_or_never),
+        patterns=tuple(_pattern(item, key) for item, key in s.items("patterns")),
+        patterns_block_transactional=s.get("patterns_block_transactional", False, _bool),
+    )
+    s.done()
+    return cfg
+
+
+def _days(value: object, key: str) -> float:
+    days = _days_or_never(value, key)
+    if days is None:
+        raise ConfigError(key, "expected a positive number of days")
+    return days
+
+
 def parse_config(raw: object, source: Path | None = None) -> Config:
     """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
     base = source.parent if source is not None else Path.cwd()
@@ -640,6 +688,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         dkim=_read_dkim(top),
         policy=_read_policy(top.section("policy")),
         retry=_read_retry(top.section("retry")),
+        suppression=_read_suppression(top.section("suppression")),
         source=source,
     )
     top.done()

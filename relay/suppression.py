@@ -22,21 +22,27 @@ sender scope; transactional mail only by a live ``*`` entry with a hard reason
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from relay.config import SuppressionConfig
 from relay.errors import StoreUnavailable
 from relay.model import Route, normalize_address
 
 REASONS = ("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual", "pattern")
 HARD_REASONS = frozenset({"hard-bounce", "complaint", "manual"})
+PROTECTED_REASONS = frozenset({"complaint"})
 GLOBAL = "*"
 EVENTS_MAXLEN = 1_000_000
+DAY = 86400.0
 
 # Sets the field unless a live entry is already there; answers 1 when it wrote.
 _ADD_SCRIPT = """
@@ -49,6 +55,60 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# Counts a soft bounce and (re)writes the entry with the graduated expiry; returns the count.
+_SOFT_SCRIPT = """
+local n = redis.call('HINCRBY', KEYS[1], '#soft-bounces', 1)
+local ttls = cjson.decode(ARGV[2])
+local ttl = ttls[math.min(n, #ttls)]
+local now = tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], '*|soft-bounce', now .. '|' .. (now + ttl) .. '|' .. ARGV[3])
+return n
+"""
+
+
+class _Default:
+    """Marker: use the policy's expiry for the reason."""
+
+
+DEFAULT = _Default()
+
+
+class ProtectedEntry(Exception):
+    """A complaint entry may only be removed with ``force``; the removal is logged."""
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionPolicy:
+    """Expiry per reason (seconds, None for never) and the pattern list from the YAML."""
+
+    hard_bounce_ttl: float | None = 180 * DAY
+    soft_bounce_ttls: tuple[float, ...] = (7 * DAY, 14 * DAY, 30 * DAY, 180 * DAY)
+    manual_ttl: float | None = None
+    patterns: tuple[str, ...] = ()
+    patterns_block_transactional: bool = False
+
+    @classmethod
+    def from_config(cls, config: SuppressionConfig) -> SuppressionPolicy:
+        def seconds(days: float | None) -> float | None:
+            return None if days is None else days * DAY
+
+        return cls(
+            hard_bounce_ttl=seconds(config.hard_bounce_days),
+            soft_bounce_ttls=tuple(d * DAY for d in config.soft_bounce_days),
+            manual_ttl=seconds(config.manual_days),
+            patterns=config.patterns,
+            patterns_block_transactional=config.patterns_block_transactional,
+        )
+
+    def default_ttl(self, reason: str) -> float | None:
+        if reason == "hard-bounce":
+            return self.hard_bounce_ttl
+        if reason == "manual":
+            return self.manual_ttl
+        if reason == "soft-bounce":
+            return self.soft_bounce_ttls[0]
+        return None
+
 
 def group_scope(group: str) -> str:
     return f"g:{group}"
@@ -56,6 +116,16 @@ def group_scope(group: str) -> str:
 
 def sender_scope(sender: str) -> str:
     return f"s:{normalize_address(sender)}"
+
+
+def normalize_pattern(pattern: str) -> str:
+    """``mailinator.com`` and ``@mailinator.com`` mean ``*@mailinator.com``."""
+    text = pattern.strip().lower()
+    if "@" not in text:
+        return f"*@{text}"
+    if text.startswith("@"):
+        return f"*{text}"
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +154,9 @@ def _route_scopes(route: Route) -> tuple[str, ...]:
 
 
 def _decode(address: str, field: bytes, value: bytes) -> Suppression | None:
+    """One hash field as an entry; counters (``#…``) and damaged fields give None."""
+    if field.startswith(b"#"):
+        return None
     try:
         scope, _, reason = field.decode().rpartition("|")
         created, expires, source = value.decode().split("|", 2)
@@ -92,14 +165,51 @@ def _decode(address: str, field: bytes, value: bytes) -> Suppression | None:
         return None
 
 
+class _Patterns:
+    """Compiled patterns, rebuilt only when the set of patterns changes."""
+
+    def __init__(self) -> None:
+        self._source: frozenset[str] = frozenset()
+        self._compiled: list[tuple[str, re.Pattern[str]]] = []
+
+    def match(self, patterns: frozenset[str], address: str) -> str | None:
+        if patterns != self._source:
+            self._compiled = [(p, re.compile(fnmatch.translate(p))) for p in sorted(patterns)]
+            self._source = patterns
+        for pattern, regex in self._compiled:
+            if regex.match(address):
+                return pattern
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRow:
+    line: int
+    address: str
+    scope: str
+    reason: str
+
+
 class SuppressionStore:
     def __init__(
-        self, redis: Redis, prefix: str = "ocr", clock: Callable[[], float] = time.time
+        self,
+        redis: Redis,
+        prefix: str = "ocr",
+        clock: Callable[[], float] = time.time,
+        policy: SuppressionPolicy | None = None,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._clock = clock
+        self._matcher = _Patterns()
+        self.set_policy(policy or SuppressionPolicy())
         self._add = redis.register_script(_ADD_SCRIPT)
+        self._soft = redis.register_script(_SOFT_SCRIPT)
+
+    def set_policy(self, policy: SuppressionPolicy) -> None:
+        """Expiry and patterns from the config (again on reload)."""
+        self.policy = policy
+        self._config_patterns = frozenset(normalize_pattern(p) for p in policy.patterns)
 
     def key(self, address: str) -> str:
         """The one place the per-address key is spelled."""
@@ -109,20 +219,29 @@ class SuppressionStore:
     def events_key(self) -> str:
         return f"{self._prefix}:events"
 
+    @property
+    def patterns_key(self) -> str:
+        return f"{self._prefix}:patterns"
+
     async def blocked(self, recipients: Sequence[str], route: Route) -> dict[str, Suppression]:
         """Which recipients this route must not send to, with the entry that blocks each.
 
-        One pipelined round trip for all recipients.
+        One pipelined round trip for all recipients and the pattern list.
         """
         normalized = [normalize_address(r) for r in recipients]
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for address in normalized:
                     pipe.hgetall(self.key(address))
+                pipe.smembers(self.patterns_key)
                 results = await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"suppression lookup failed: {type(exc).__name__}") from exc
         now = self._clock()
+        patterns = self._config_patterns | {p.decode() for p in results.pop()}
+        check_patterns = bool(patterns) and (
+            route.is_marketing or self.policy.patterns_block_transactional
+        )
         blocked: dict[str, Suppression] = {}
         for recipient, address, fields in zip(recipients, normalized, results, strict=True):
             for field, value in fields.items():
@@ -130,7 +249,15 @@ class SuppressionStore:
                 if entry is not None and entry.live(now) and entry.blocks(route):
                     blocked[recipient] = entry
                     break
+            else:
+                if check_patterns:
+                    pattern = self._matcher.match(patterns, address)
+                    if pattern is not None:
+                        blocked[recipient] = Suppression(address, GLOBAL, "pattern", 0, 0, pattern)
         return blocked
+
+    def _ttl(self, reason: str, ttl: float | _Default | None) -> float | None:
+        return self.policy.default_ttl(reason) if isinstance(ttl, _Default) else ttl
 
     async def add(
         self,
@@ -138,16 +265,21 @@ class SuppressionStore:
         scope: str,
         reason: str,
         source: str,
-        ttl: float | None = None,
+        ttl: float | _Default | None = DEFAULT,
         detail: str = "",
     ) -> bool:
-        """Record a suppression; False when a live entry for scope and reason was there."""
+        """Record a suppression; False when a live entry for scope and reason was there.
+
+        ``ttl`` defaults to the policy's expiry for the reason (``None``: never).
+        """
         if reason not in REASONS:
             raise ValueError(f"unknown reason {reason!r}")
+        if reason == "soft-bounce":
+            await self.record_soft_bounce(address, source, detail)
+            return True
         address = normalize_address(address)
         now = int(self._clock())
-        expires = 0 if ttl is None else now + max(1, int(ttl))
-        value = f"{now}|{expires}|{source}"
+        value = self._value(now, self._ttl(reason, ttl), source)
         try:
             wrote = await self._add(
                 keys=[self.key(address)], args=[f"{scope}|{reason}", value, now]
@@ -158,10 +290,98 @@ class SuppressionStore:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return bool(wrote)
 
+    @staticmethod
+    def _value(now: int, ttl: float | None, source: str) -> str:
+        expires = 0 if ttl is None else now + max(1, int(ttl))
+        return f"{now}|{expires}|{source.replace('|', '/')}"
+
+    async def add_many(
+        self, rows: Sequence[ImportRow], source: str, ttl: float | _Default | None = DEFAULT
+    ) -> list[bool]:
+        """Batched ``add`` for imports: one pipeline for the writes, one for the events."""
+        now = int(self._clock())
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for row in rows:
+                    value = self._value(now, self._ttl(row.reason, ttl), source)
+                    await self._add(
+                        keys=[self.key(row.address)],
+                        args=[f"{row.scope}|{row.reason}", value, now],
+                        client=pipe,
+                    )
+                wrote = [bool(w) for w in await pipe.execute()]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for row, new in zip(rows, wrote, strict=True):
+                    if new:
+                        self._queue_event(
+                            pipe, "add", row.address, row.scope, row.reason, source, ""
+                        )
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"suppression import failed: {type(exc).__name__}") from exc
+        return wrote
+
+    async def exists(self, rows: Sequence[ImportRow]) -> list[bool]:
+        """Whether a live entry for each row's scope and reason is already stored."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for row in rows:
+                    pipe.hget(self.key(row.address), f"{row.scope}|{row.reason}")
+                values = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"suppression read failed: {type(exc).__name__}") from exc
+        now = self._clock()
+        return [
+            v is not None
+            and (e := _decode(r.address, f"{r.scope}|{r.reason}".encode(), v)) is not None
+            and e.live(now)
+            for r, v in zip(rows, values, strict=True)
+        ]
+
+    async def record_soft_bounce(self, address: str, source: str, detail: str = "") -> int:
+        """A soft-bounce suppression with graduated expiry (7, 14, 30, then 180 days)."""
+        address = normalize_address(address)
+        ttls = json.dumps([int(t) for t in self.policy.soft_bounce_ttls])
+        try:
+            count = int(
+                await self._soft(
+                    keys=[self.key(address)],
+                    args=[int(self._clock()), ttls, source.replace("|", "/")],
+                )
+            )
+            await self._event(
+                "add", address, GLOBAL, "soft-bounce", source, f"count={count} {detail}"
+            )
+        except RedisError as exc:
+            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
+        return count
+
+    async def counter(self, address: str, name: str, delta: int = 1) -> int:
+        """A per-address counter kept beside the entries (e.g. consecutive soft bounces)."""
+        try:
+            if delta == 0:
+                await self._redis.hdel(self.key(normalize_address(address)), f"#{name}")
+                return 0
+            return int(
+                await self._redis.hincrby(self.key(normalize_address(address)), f"#{name}", delta)
+            )
+        except RedisError as exc:
+            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
+
     async def remove(
-        self, address: str, scope: str | None = None, reason: str | None = None, source: str = ""
+        self,
+        address: str,
+        scope: str | None = None,
+        reason: str | None = None,
+        source: str = "",
+        *,
+        force: bool = False,
     ) -> list[Suppression]:
-        """Delete matching entries (every one when scope and reason are None)."""
+        """Delete matching entries (every one when scope and reason are None).
+
+        Complaint entries are protected: without ``force`` nothing is removed and
+        ``ProtectedEntry`` is raised; a forced removal is recorded as such.
+        """
         address = normalize_address(address)
         entries = await self.entries(address)
         doomed = [
@@ -169,12 +389,22 @@ class SuppressionStore:
             for e in entries
             if (scope is None or e.scope == scope) and (reason is None or e.reason == reason)
         ]
+        protected = [e for e in doomed if e.reason in PROTECTED_REASONS]
+        if protected and not force:
+            raise ProtectedEntry(
+                f"{address} has a {protected[0].reason} entry; removing it needs force"
+            )
         if not doomed:
             return []
         try:
-            await self._redis.hdel(self.key(address), *[f"{e.scope}|{e.reason}" for e in doomed])
-            for e in doomed:
-                await self._event("remove", address, e.scope, e.reason, source, "")
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(self.key(address), *[f"{e.scope}|{e.reason}" for e in doomed])
+                if any(e.reason == "soft-bounce" for e in doomed):
+                    pipe.hdel(self.key(address), "#soft-bounces")
+                for e in doomed:
+                    detail = "forced" if e.reason in PROTECTED_REASONS else ""
+                    self._queue_event(pipe, "remove", address, e.scope, e.reason, source, detail)
+                await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return doomed
@@ -188,6 +418,38 @@ class SuppressionStore:
             raise StoreUnavailable(f"suppression read failed: {type(exc).__name__}") from exc
         decoded = (_decode(address, f, v) for f, v in fields.items())
         return sorted((e for e in decoded if e is not None), key=lambda e: e.created)
+
+    async def pattern_match(self, address: str) -> str | None:
+        """The configured or stored pattern that matches ``address``, if any."""
+        patterns = self._config_patterns | set(await self.patterns())
+        return self._matcher.match(frozenset(patterns), normalize_address(address))
+
+    async def patterns(self) -> list[str]:
+        try:
+            members = cast(set[bytes], await self._redis.smembers(self.patterns_key))
+        except RedisError as exc:
+            raise StoreUnavailable(f"pattern read failed: {type(exc).__name__}") from exc
+        return sorted(m.decode() for m in members)
+
+    async def add_pattern(self, pattern: str, source: str) -> bool:
+        pattern = normalize_pattern(pattern)
+        try:
+            new = bool(await self._redis.sadd(self.patterns_key, pattern))
+            if new:
+                await self._event("add", pattern, GLOBAL, "pattern", source, "")
+        except RedisError as exc:
+            raise StoreUnavailable(f"pattern write failed: {type(exc).__name__}") from exc
+        return new
+
+    async def remove_pattern(self, pattern: str, source: str) -> bool:
+        pattern = normalize_pattern(pattern)
+        try:
+            gone = bool(await self._redis.srem(self.patterns_key, pattern))
+            if gone:
+                await self._event("remove", pattern, GLOBAL, "pattern", source, "")
+        except RedisError as exc:
+            raise StoreUnavailable(f"pattern write failed: {type(exc).__name__}") from exc
+        return gone
 
     async def scan(self, batch: int = 500) -> AsyncIterator[Suppression]:
         """Every entry in the store, streamed (SCAN), never all loaded at once."""
@@ -214,10 +476,17 @@ class SuppressionStore:
         except RedisError:
             return False
 
-    async def _event(
-        self, kind: str, address: str, scope: str, reason: str, source: str, detail: str
+    def _queue_event(
+        self,
+        pipe: Any,
+        kind: str,
+        address: str,
+        scope: str,
+        reason: str,
+        source: str,
+        detail: str,
     ) -> None:
-        await self._redis.xadd(
+        pipe.xadd(
             self.events_key,
             {
                 "type": kind,
@@ -231,6 +500,13 @@ class SuppressionStore:
             maxlen=EVENTS_MAXLEN,
             approximate=True,
         )
+
+    async def _event(
+        self, kind: str, address: str, scope: str, reason: str, source: str, detail: str
+    ) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self._queue_event(pipe, kind, address, scope, reason, source, detail)
+            await pipe.execute()
 
 
 async def _batched(items: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
