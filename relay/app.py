@@ -20,6 +20,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from relay import redis_client, sdnotify
+from relay.admin import AdminApi
 from relay.auth import Users
 from relay.config import Config, SmtpTlsConfig, load_config
 from relay.embedded import EmbeddedRedis
@@ -113,8 +114,13 @@ class Relay:
 
         unsubscriber = Unsubscriber(parts.tokens, self.store, config.policy, self.metrics)
         self._web = WebApp(unsubscriber, self.store, self.metrics)
+        admin = (
+            AdminApi(self.store, self.retry, config.http.admin_token)
+            if config.http.admin_token is not None
+            else None
+        )
         self._web_runner = web.AppRunner(
-            self._web.build(config.http.max_body_size),
+            self._web.build(config.http.max_body_size, admin),
             access_log=None,
             handle_signals=False,
             max_headers=MAX_HEADERS,

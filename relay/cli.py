@@ -14,10 +14,9 @@ from typing import Any, TypeVar
 from relay import __version__
 from relay.config import load_config
 from relay.errors import ConfigError, StoreUnavailable
-from relay.suppression import REASONS
+from relay.suppression import MANUAL_REASONS
 
 T = TypeVar("T")
-MANUAL_REASONS = tuple(r for r in REASONS if r not in ("pattern", "soft-bounce"))
 EXIT_CONFIG = 2
 
 

@@ -112,6 +112,8 @@ class HttpConfig:
     listen: HostPort = HostPort("127.0.0.1", 8080)
     public_url: str = "https://unsubscribe.example.com"
     max_body_size: int = 8192
+    admin_token: Secret | None = None
+    """Bearer token of the /admin/ API; None turns the API off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +470,10 @@ def _read_http(s: _Section) -> HttpConfig:
         listen=s.get("listen", d.listen, _host_port),
         public_url=s.require("public_url", _https_url),
         max_body_size=s.get("max_body_size", d.max_body_size, _int_range(256, MiB)),
+        admin_token=_secret_from(s, "admin_token", required=False),
     )
+    if cfg.admin_token is not None and len(cfg.admin_token.reveal()) < 16:
+        raise ConfigError(s.key("admin_token_file"), "token too short: use 16+ random characters")
     s.done()
     return cfg
 

@@ -38,6 +38,8 @@ from relay.errors import StoreUnavailable
 from relay.model import Route, normalize_address
 
 REASONS = ("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual", "pattern")
+MANUAL_REASONS = ("unsubscribe", "hard-bounce", "complaint", "manual")
+"""Reasons an operator or an import may set (soft bounces and patterns have their own path)."""
 HARD_REASONS = frozenset({"hard-bounce", "complaint", "manual"})
 PROTECTED_REASONS = frozenset({"complaint"})
 GLOBAL = "*"

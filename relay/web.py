@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
+from relay.admin import AdminApi
 from relay.errors import StoreUnavailable
 from relay.metrics import Metrics
 from relay.suppression import SuppressionStore
@@ -70,8 +71,13 @@ class WebApp:
         self._store = store
         self._metrics = metrics
 
-    def build(self, max_body_size: int) -> web.Application:
-        app = web.Application(client_max_size=max_body_size)
+    def build(self, max_body_size: int, admin: AdminApi | None = None) -> web.Application:
+        app = web.Application(
+            client_max_size=max_body_size,
+            middlewares=[admin.middleware] if admin is not None else [],
+        )
+        if admin is not None:
+            app.add_routes(admin.routes())
         app.add_routes(
             [
                 web.post("/u/{token}", self.post_unsubscribe),
