@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from datetime import date
 from typing import Any
 
@@ -113,7 +112,7 @@ class AdminApi:
         address = request.match_info["address"]
         entries = await self._store.entries(address)
         pattern = await self._store.pattern_match(address)
-        now = time.time()
+        now = self._store.now()
         return web.json_response(
             {
                 "address": address,

@@ -208,6 +208,10 @@ class SuppressionStore:
         self._add = redis.register_script(_ADD_SCRIPT)
         self._soft = redis.register_script(_SOFT_SCRIPT)
 
+    def now(self) -> float:
+        """The store's clock (injectable, so expiry is tested at its exact boundary)."""
+        return self._clock()
+
     def set_policy(self, policy: SuppressionPolicy) -> None:
         """Expiry and patterns from the config (again on reload)."""
         self.policy = policy

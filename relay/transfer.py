@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -184,7 +183,7 @@ async def export_csv(store: SuppressionStore, filters: ExportFilter) -> AsyncIte
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(EXPORT_COLUMNS)
-    now = time.time()
+    now = store.now()
     count = 0
     async for entry in store.scan():
         if filters.accepts(entry, now):
@@ -221,7 +220,7 @@ class Stats:
 async def stats(store: SuppressionStore, days: int = 30) -> Stats:
     """Live entries per scope kind and reason, and unsubscribes per day (one full scan)."""
     result = Stats()
-    now = time.time()
+    now = store.now()
     first_day = datetime.fromtimestamp(now - days * 86400, UTC).date().isoformat()
     addresses: set[str] = set()
     async for entry in store.scan():

@@ -1,0 +1,175 @@
+"""Reasons, expiry, soft bounces, patterns, import/export against the real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import date
+
+import pytest
+from redis.asyncio import Redis
+
+from relay import redis_client
+from relay.config import SuppressionConfig
+from relay.model import Route
+from relay.suppression import (
+    DAY,
+    GLOBAL,
+    ImportRow,
+    ProtectedEntry,
+    SuppressionPolicy,
+    SuppressionStore,
+    group_scope,
+)
+from relay.transfer import ExportFilter, export_csv, import_lines, stats
+
+MARKETING = Route("marketing", "newsletter", "news@example.com")
+TRANSACTIONAL = Route("transactional", None, "receipts@example.com")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = redis_client.connect(redis_url, 2)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(redis: Redis, clock: Clock) -> SuppressionStore:
+    policy = SuppressionPolicy.from_config(SuppressionConfig(patterns=("disposable.test",)))
+    return SuppressionStore(redis, "ocr", clock=clock, policy=policy)
+
+
+async def test_hard_bounce_expires_after_180_days_exactly(
+    store: SuppressionStore, clock: Clock
+) -> None:
+    await store.add("a@example.com", GLOBAL, "hard-bounce", "test")
+    [entry] = await store.entries("a@example.com")
+    assert entry.expires - entry.created == 180 * DAY
+    clock.now = entry.expires - 1
+    assert "a@example.com" in await store.blocked(["a@example.com"], TRANSACTIONAL)
+    clock.now = entry.expires
+    assert await store.blocked(["a@example.com"], TRANSACTIONAL) == {}
+    assert await store.blocked(["a@example.com"], MARKETING) == {}
+
+
+async def test_soft_bounces_graduate_7_14_30_180(store: SuppressionStore, clock: Clock) -> None:
+    durations = []
+    for _ in range(5):
+        count = await store.record_soft_bounce("s@example.com", "bounce")
+        [entry] = [e for e in await store.entries("s@example.com") if e.reason == "soft-bounce"]
+        durations.append((count, (entry.expires - entry.created) / DAY))
+        clock.now += 1
+    assert durations == [(1, 7), (2, 14), (3, 30), (4, 180), (5, 180)]
+    assert "s@example.com" in await store.blocked(["s@example.com"], MARKETING)
+    assert await store.blocked(["s@example.com"], TRANSACTIONAL) == {}  # soft is not hard
+    await store.remove("s@example.com", reason="soft-bounce", source="test")
+    assert await store.record_soft_bounce("s@example.com", "bounce") == 1  # count restarts
+
+
+async def test_complaint_is_protected(store: SuppressionStore) -> None:
+    await store.add("c@example.com", GLOBAL, "complaint", "test")
+    await store.add("c@example.com", group_scope("newsletter"), "unsubscribe", "test")
+    with pytest.raises(ProtectedEntry):
+        await store.remove("c@example.com", source="test")
+    assert len(await store.entries("c@example.com")) == 2
+    removed = await store.remove("c@example.com", reason="unsubscribe", source="test")
+    assert [e.reason for e in removed] == ["unsubscribe"]
+    removed = await store.remove("c@example.com", source="test", force=True)
+    assert [e.reason for e in removed] == ["complaint"]
+
+
+async def test_patterns_from_config_and_redis_in_one_lookup(store: SuppressionStore) -> None:
+    await store.add_pattern("noreply@*", "test")
+    blocked = await store.blocked(
+        ["x@disposable.test", "noreply@shop.example", "real@example.com"], MARKETING
+    )
+    assert {r: e.source for r, e in blocked.items()} == {
+        "x@disposable.test": "*@disposable.test",
+        "noreply@shop.example": "noreply@*",
+    }
+    assert await store.blocked(["x@disposable.test"], TRANSACTIONAL) == {}
+    assert await store.remove_pattern("noreply@*", "test")
+    assert "noreply@shop.example" not in await store.blocked(["noreply@shop.example"], MARKETING)
+
+
+async def test_import_reports_every_line(store: SuppressionStore) -> None:
+    lines = ["# customers who asked by phone", "A@x.com", "", "a@x.com", "nope", "b@y.com "]
+    dry = await import_lines(
+        store, lines, scope=GLOBAL, reason="manual", source="import", dry_run=True
+    )
+    assert (dry.accepted, dry.duplicates, dry.invalid) == (
+        2,
+        1,
+        [(5, "nope", "not an e-mail address")],
+    )
+    assert await store.entries("a@x.com") == []
+    real = await import_lines(store, lines, scope=GLOBAL, reason="manual", source="import")
+    assert (real.accepted, real.duplicates) == (2, 1)
+    again = await import_lines(store, lines, scope=GLOBAL, reason="manual", source="import")
+    assert (again.accepted, again.duplicates) == (0, 3)
+
+
+async def test_csv_import_columns_override_defaults(store: SuppressionStore) -> None:
+    lines = ["Address,Reason,Group", "a@x.com,hard-bounce,", "b@x.com,,promo", "c@x.com,pattern,"]
+    report = await import_lines(store, lines, scope=GLOBAL, reason="manual", source="import")
+    assert report.accepted == 2
+    assert report.invalid == [(4, "c@x.com", "unknown or unsupported reason 'pattern'")]
+    assert [(e.scope, e.reason) for e in await store.entries("a@x.com")] == [("*", "hard-bounce")]
+    assert [(e.scope, e.reason) for e in await store.entries("b@x.com")] == [("g:promo", "manual")]
+
+
+async def test_export_filters_by_date_and_round_trips(
+    store: SuppressionStore, clock: Clock
+) -> None:
+    await store.add("old@x.com", group_scope("newsletter"), "unsubscribe", "post")
+    clock.now += 40 * DAY
+    await store.add("new@x.com", group_scope("newsletter"), "unsubscribe", "post")
+    await store.add("other@x.com", group_scope("promo"), "unsubscribe", "post")
+    newest = date.fromtimestamp(clock.now)
+    text = "".join(
+        [c async for c in export_csv(store, ExportFilter(group="newsletter", since=newest))]
+    )
+    lines = text.splitlines()
+    assert lines[0] == "address,scope,reason,created,expires,source"
+    assert [line.split(",")[0] for line in lines[1:]] == ["new@x.com"]
+    await store.remove("new@x.com", source="test")
+    report = await import_lines(store, lines, scope=GLOBAL, reason="unsubscribe", source="reimport")
+    assert report.accepted == 1
+    assert [e.scope for e in await store.entries("new@x.com")] == [GLOBAL]
+
+
+async def test_stats_counts_live_entries(store: SuppressionStore, clock: Clock) -> None:
+    await store.add("a@x.com", group_scope("n"), "unsubscribe", "post")
+    await store.add("b@x.com", GLOBAL, "hard-bounce", "bounce")
+    await store.add("c@x.com", GLOBAL, "manual", "cli", ttl=10)
+    clock.now += 11
+    result = await stats(store)
+    assert result.addresses == 2
+    assert result.expired == 1
+    assert dict(result.by_scope_reason) == {
+        ("group", "unsubscribe"): 1,
+        ("global", "hard-bounce"): 1,
+    }
+    assert dict(result.unsubscribes_per_day) == {"2027-01-15": 1}
+
+
+async def test_add_many_is_idempotent_and_emits_events(
+    store: SuppressionStore, redis: Redis
+) -> None:
+    rows = [ImportRow(i, f"u{i}@x.com", GLOBAL, "manual") for i in range(1, 2501)]
+    assert sum(await store.add_many(rows, source="import")) == 2500
+    assert sum(await store.add_many(rows, source="import")) == 0
+    assert await redis.xlen("ocr:events") == 2500
