@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from relay import redis_client, sdnotify
 from relay.admin import AdminApi
@@ -29,6 +28,7 @@ from relay.looplag import LoopLagMonitor
 from relay.metrics import Metrics
 from relay.pipeline import Pipeline
 from relay.policy import Policy
+from relay.redis_client import RedisClient
 from relay.retryqueue import RetryQueue, RetryWorker
 from relay.signing import Signer
 from relay.smtp import RelayHandler, RelaySMTP
@@ -67,7 +67,7 @@ class Relay:
         self._reuse_port = reuse_port
         self.metrics = Metrics()
         self._embedded: EmbeddedRedis | None = None
-        self._redis: Redis | None = None
+        self._redis: RedisClient | None = None
         self._smtp_server: asyncio.Server | None = None
         self._web_runner: web.AppRunner | None = None
         self._retry_task: asyncio.Task[None] | None = None
@@ -88,18 +88,19 @@ class Relay:
 
     @property
     def redis_url(self) -> str:
-        if self.config.redis.url:
-            return self.config.redis.url
-        assert self._embedded is not None
-        return self._embedded.url
+        if self._embedded is not None:
+            return self._embedded.url
+        return self.config.redis.url or f"sentinel:{self.config.redis.sentinel}"
 
     async def start(self) -> None:
         config = self.config
         parts = _build_parts(config)
-        if config.redis.url is None:
+        if config.redis.url is None and config.redis.sentinel is None:
             self._embedded = await asyncio.to_thread(EmbeddedRedis().start)
             log.info("embedded redis started url=%s", self._embedded.url)
-        self._redis = redis_client.connect(self.redis_url, config.redis.timeout)
+        self._redis = redis_client.connect_config(
+            config.redis, self._embedded.url if self._embedded else None
+        )
         self.store = SuppressionStore(
             self._redis,
             config.redis.key_prefix,

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import TextIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
-
 from relay import redis_client
 from relay.config import Config
 from relay.errors import ConfigError
+from relay.redis_client import RedisClient
 from relay.retryqueue import RetryQueue
 from relay.suppression import (
     GLOBAL,
@@ -88,13 +87,13 @@ def entry_line(e: Suppression, now: float) -> str:
     )
 
 
-def _open_redis(config: Config) -> Redis:
-    if not config.redis.url:
+def _open_redis(config: Config) -> RedisClient:
+    if not config.redis.url and config.redis.sentinel is None:
         raise ConfigError("redis.url", "the CLI needs a shared Redis (the embedded one is private)")
-    return redis_client.connect(config.redis.url, config.redis.timeout)
+    return redis_client.connect_config(config.redis)
 
 
-def _store(redis: Redis, config: Config) -> SuppressionStore:
+def _store(redis: RedisClient, config: Config) -> SuppressionStore:
     return SuppressionStore(
         redis, config.redis.key_prefix, policy=SuppressionPolicy.from_config(config.suppression)
     )
@@ -236,7 +235,7 @@ async def _pattern(args: argparse.Namespace, store: SuppressionStore) -> int:
     return 0 if gone else 1
 
 
-async def _events_tail(redis: Redis, config: Config, from_start: bool, count: int) -> int:
+async def _events_tail(redis: RedisClient, config: Config, from_start: bool, count: int) -> int:
     """Print stream entries as they arrive (``XREAD BLOCK``), one line each."""
     key = f"{config.redis.key_prefix}:events"
     last = "0-0" if from_start else "$"
@@ -256,7 +255,7 @@ async def _events_tail(redis: Redis, config: Config, from_start: bool, count: in
                     return 0
 
 
-async def _queue_list(redis: Redis, config: Config) -> int:
+async def _queue_list(redis: RedisClient, config: Config) -> int:
     items = await RetryQueue(redis, config.redis.key_prefix, config.retry).list()
     print(f"{len(items)} message(s) in the retry queue")
     for item in items:

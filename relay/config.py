@@ -126,9 +126,18 @@ class RedisOnError:
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    master: str
+    addresses: tuple[HostPort, ...]
+    db: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None = None
-    """None means: start an embedded server (demo and single-host trials)."""
+    """None (and no sentinel) means: start an embedded server (demo and trials)."""
+    cluster: bool = False
+    sentinel: SentinelConfig | None = None
     key_prefix: str = "ocr"
     timeout: float = 2.0
     on_error: RedisOnError = RedisOnError()
@@ -482,7 +491,22 @@ def _read_redis(s: _Section) -> RedisConfig:
     d = RedisConfig()
     on_error = s.section("on_error")
     choice = _choice("tempfail", "deliver")
+    sentinel = None
+    if s.has("sentinel"):
+        ss = s.section("sentinel")
+        addresses = tuple(_host_port(item, key) for item, key in ss.items("addresses"))
+        if not addresses:
+            raise ConfigError(ss.key("addresses"), "at least one sentinel host:port is required")
+        sentinel = SentinelConfig(
+            master=ss.require("master", _str),
+            addresses=addresses,
+            db=ss.get("db", 0, _int_range(0, 15)),
+        )
+        ss.done()
+    s.used.add("sentinel")
     cfg = RedisConfig(
+        cluster=s.get("cluster", False, _bool),
+        sentinel=sentinel,
         url=s.get("url", None, _redis_url),
         key_prefix=s.get("key_prefix", d.key_prefix, _str),
         timeout=s.get("timeout", d.timeout, _seconds),
@@ -493,6 +517,10 @@ def _read_redis(s: _Section) -> RedisConfig:
     )
     on_error.done()
     s.done()
+    if cfg.cluster and cfg.url is None:
+        raise ConfigError(s.key("url"), "redis.cluster needs the URL of one cluster node")
+    if cfg.cluster and cfg.sentinel is not None:
+        raise ConfigError(s.key("sentinel"), "use redis.cluster or redis.sentinel, not both")
     return cfg
 
 

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from relay.config import RetryConfig
 from relay.errors import StoreUnavailable
 from relay.metrics import Metrics
+from relay.redis_client import RedisClient
 from relay.upstream import Outbound, Upstream
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,11 @@ class QueuedItem:
 
 class RetryQueue:
     def __init__(
-        self, redis: Redis, prefix: str, config: RetryConfig, clock: Callable[[], float] = time.time
+        self,
+        redis: RedisClient,
+        prefix: str,
+        config: RetryConfig,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
         self._zset = f"{prefix}:{{queue}}"

@@ -30,12 +30,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from relay.config import SuppressionConfig
 from relay.errors import StoreUnavailable
 from relay.model import Route, normalize_address
+from relay.redis_client import RedisClient
 
 REASONS = ("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual", "pattern")
 MANUAL_REASONS = ("unsubscribe", "hard-bounce", "complaint", "manual")
@@ -195,7 +195,7 @@ class ImportRow:
 class SuppressionStore:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         prefix: str = "ocr",
         clock: Callable[[], float] = time.time,
         policy: SuppressionPolicy | None = None,
@@ -313,7 +313,7 @@ class SuppressionStore:
                     await self._add(
                         keys=[self.key(row.address)],
                         args=[f"{row.scope}|{row.reason}", value, now],
-                        client=pipe,
+                        client=cast(Any, pipe),
                     )
                 wrote = [bool(w) for w in await pipe.execute()]
             async with self._redis.pipeline(transaction=False) as pipe:
