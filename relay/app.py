@@ -24,6 +24,7 @@ from relay.auth import Users
 from relay.config import Config, SmtpTlsConfig, load_config
 from relay.embedded import EmbeddedRedis
 from relay.errors import ConfigError
+from relay.events import StreamConsumer, WebhookSender, build_consumers
 from relay.looplag import LoopLagMonitor
 from relay.metrics import Metrics
 from relay.pipeline import Pipeline
@@ -73,6 +74,9 @@ class Relay:
         self._retry_task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self.loop_lag: LoopLagMonitor | None = None
+        self._consumers: list[StreamConsumer] = []
+        self._consumer_tasks: list[asyncio.Task[None]] = []
+        self._closers: list[WebhookSender] = []
         self._parts: _Parts | None = None
         self.handler: RelayHandler | None = None
         self.store: SuppressionStore | None = None
@@ -156,6 +160,15 @@ class Relay:
         self._retry_task = loop.create_task(self.retry_worker.run())
         self.loop_lag = LoopLagMonitor(self.metrics)
         self._lag_task = loop.create_task(self.loop_lag.run())
+        self._consumers, self._closers = build_consumers(
+            self._redis,
+            self.store.events_key,
+            config.events,
+            parts.upstream,
+            config.smtp.hostname,
+            self.metrics,
+        )
+        self._consumer_tasks = [loop.create_task(c.run()) for c in self._consumers]
         log.info(
             "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s",
             config.smtp.listen.host,
@@ -213,11 +226,16 @@ class Relay:
             self.retry_worker.stop()
         if self.loop_lag is not None:
             self.loop_lag.stop()
+        for consumer in self._consumers:
+            consumer.stop()
         background = {t for t in (self._retry_task, self._lag_task) if t is not None}
+        background.update(self._consumer_tasks)
         if background:
             _, pending = await asyncio.wait(background, timeout=5)
             for task in pending:
                 task.cancel()
+        for closer in self._closers:
+            await closer.close()
         if self._web_runner is not None:
             await self._web_runner.cleanup()
         if self._parts is not None:

@@ -206,6 +206,28 @@ class SuppressionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    url: str
+    secret: Secret
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    to: str
+    sender: str
+    reasons: tuple[str, ...] = ("unsubscribe",)
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    webhook: WebhookConfig | None = None
+    notify_email: NotifyConfig | None = None
+    retry_first_delay: float = 5.0
+    retry_max_delay: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class RetryConfig:
     max_age: float = 5 * 24 * 3600.0
     first_delay: float = 60.0
@@ -224,6 +246,7 @@ class Config:
     policy: PolicyConfig
     retry: RetryConfig = RetryConfig()
     suppression: SuppressionConfig = SuppressionConfig()
+    events: EventsConfig = EventsConfig()
     source: Path | None = None
 
 
@@ -705,6 +728,48 @@ def _days(value: object, key: str) -> float:
     return days
 
 
+def _address(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", text):
+        raise ConfigError(key, "expected an e-mail address")
+    return text
+
+
+def _read_events(s: _Section) -> EventsConfig:
+    webhook = notify = None
+    if s.has("webhook"):
+        w = s.section("webhook")
+        secret = _secret_from(w, "secret", required=True)
+        assert secret is not None
+        webhook = WebhookConfig(
+            url=w.require("url", _https_url),
+            secret=secret,
+            timeout=w.get("timeout", 10.0, _seconds),
+        )
+        w.done()
+    if s.has("notify_email"):
+        n = s.section("notify_email")
+        reasons = tuple(
+            _choice("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual")(item, key)
+            for item, key in n.items("reasons")
+        )
+        notify = NotifyConfig(
+            to=n.require("to", _address),
+            sender=n.require("from", _address),
+            reasons=reasons or ("unsubscribe",),
+        )
+        n.done()
+    s.used.update({"webhook", "notify_email"})
+    cfg = EventsConfig(
+        webhook=webhook,
+        notify_email=notify,
+        retry_first_delay=s.get("retry_first_delay", 5.0, _seconds),
+        retry_max_delay=s.get("retry_max_delay", 600.0, _seconds),
+    )
+    s.done()
+    return cfg
+
+
 def parse_config(raw: object, source: Path | None = None) -> Config:
     """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
     base = source.parent if source is not None else Path.cwd()
@@ -722,6 +787,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         policy=_read_policy(top.section("policy")),
         retry=_read_retry(top.section("retry")),
         suppression=_read_suppression(top.section("suppression")),
+        events=_read_events(top.section("events")),
         source=source,
     )
     top.done()

@@ -71,6 +71,12 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.event_deliveries = Counter(
+            "oneclick_event_deliveries",
+            "Suppression events handed to the application (webhook, notify-mail) or deferred.",
+            ["consumer", "outcome"],
+            registry=r,
+        )
         self.retry_length = Gauge(
             "oneclick_retry_queue_length", "Messages waiting in the retry queue.", registry=r
         )
