@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,15 @@ import yaml
 from relay.config import Config, parse_config
 
 DATA = Path(__file__).parent / "data"
+
+# When a hypothesis test fails, its pytest plugin imports hypothesis.extra._patching
+# (libcst -> mypy_extensions, which warns DeprecationWarning at import). Under
+# ``filterwarnings = error`` that turns the test failure into a pytest INTERNALERROR
+# that hides the falsifying example, so import it once here with that warning ignored.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    with contextlib.suppress(ImportError):
+        import hypothesis.extra._patching  # noqa: F401
 
 
 def build_config(raw: dict[str, Any]) -> Config:

@@ -2,7 +2,8 @@
 # Independent DKIM verifier for the tests (Mail::DKIM, shares no code with the signer).
 # Usage: dkim_verify.pl KEYS_FILE < message
 # KEYS_FILE: one "selector._domainkey.domain<TAB>TXT record" per line (offline DNS).
-# Prints one line per signature: "result<TAB>d=<TAB>s=<TAB>a=<TAB>h=".
+# Prints one line per signature: "result<TAB>d=<TAB>s=<TAB>a=<TAB>h=<TAB>detail"
+# (h= is the whole colon-separated list; detail is Mail::DKIM's result_detail).
 use strict;
 use warnings;
 use Mail::DKIM::Verifier;
@@ -38,6 +39,6 @@ while (my $line = <STDIN>) {
 }
 $dkim->CLOSE;
 foreach my $sig ($dkim->signatures) {
-    printf "%s\td=%s\ts=%s\ta=%s\th=%s\n", $sig->result, $sig->domain, $sig->selector,
-        $sig->algorithm, $sig->headerlist;
+    printf "%s\td=%s\ts=%s\ta=%s\th=%s\t%s\n", $sig->result, $sig->domain, $sig->selector,
+        $sig->algorithm, join(':', $sig->headerlist), $sig->result_detail;
 }

@@ -1,0 +1,285 @@
+"""The command line, run as ``python -m relay ...`` in a subprocess against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+import redis
+from helpers import message, write_yaml
+
+from relay import redis_client
+from relay.config import DkimKeyConfig, RetryConfig, parse_config
+from relay.embedded import free_port
+from relay.message import Message
+from relay.retryqueue import RetryQueue
+from relay.signing import Signer, body_hash, load_key
+from relay.tokens import TokenCodec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ONECLICK_RELAY_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def config_file(config_dict: dict[str, Any], tmp_path: Path) -> Path:
+    return write_yaml(tmp_path / "relay.yaml", config_dict)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ---------------------------------------------------------------------------
+# suppress
+
+
+def test_suppress_round_trip(config_file: Path, redis_url: str) -> None:
+    cfg = str(config_file)
+    added = run(
+        "suppress", "-c", cfg, "add", "Alice@Example.NET", "--group", "newsletter",
+        "--reason", "unsubscribe",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "added" in added.stdout
+    assert "group:newsletter" in added.stdout
+
+    again = run(
+        "suppress", "-c", cfg, "add", "alice@example.net", "--group", "newsletter",
+        "--reason", "unsubscribe",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "already present" in again.stdout
+
+    bob = run("suppress", "-c", cfg, "add", "bob@example.org", "--expires-days", "2")
+    assert bob.returncode == 0, bob.stderr
+    assert "global" in bob.stdout
+
+    # what the CLI wrote is in Redis under the store's key layout
+    client = redis.Redis.from_url(redis_url)
+    try:
+        alice_fields = client.hgetall("ocr:sup:{alice@example.net}")
+        bob_fields = client.hgetall("ocr:sup:{bob@example.org}")
+    finally:
+        client.close()
+    assert list(alice_fields) == [b"g:newsletter|unsubscribe"]
+    assert alice_fields[b"g:newsletter|unsubscribe"].endswith(b"|cli")
+    assert list(bob_fields) == [b"*|manual"]
+
+    show = run("suppress", "-c", cfg, "show", "ALICE@example.net")
+    assert show.returncode == 0, show.stderr
+    [line] = show.stdout.splitlines()
+    fields = line.split("\t")
+    assert fields[:3] == ["alice@example.net", "group:newsletter", "unsubscribe"]
+    assert "expires=never" in fields
+    assert "source=cli" in fields
+    assert fields[-1] == "live"
+
+    show_bob = run("suppress", "-c", cfg, "show", "bob@example.org")
+    [bob_line] = show_bob.stdout.splitlines()
+    assert "\tglobal\tmanual\t" in bob_line
+    assert "expires=never" not in bob_line
+    assert re.search(r"expires=\d{4}-\d\d-\d\dT", bob_line)
+
+    nobody = run("suppress", "-c", cfg, "show", "carol@example.com")
+    assert nobody.returncode == 0
+    assert "not suppressed" in nobody.stdout
+
+    listed = run("suppress", "-c", cfg, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(line.split("\t")[0] for line in listed.stdout.splitlines()) == [
+        "alice@example.net",
+        "bob@example.org",
+    ]
+    limited = run("suppress", "-c", cfg, "list", "--limit", "1")
+    assert len(limited.stdout.splitlines()) == 1
+
+    removed = run("suppress", "-c", cfg, "remove", "alice@example.net", "--group", "newsletter")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed" in removed.stdout
+    assert "alice@example.net" in removed.stdout
+    nothing = run("suppress", "-c", cfg, "remove", "alice@example.net")
+    assert nothing.returncode == 1  # nothing matched
+    assert "not suppressed" in run("suppress", "-c", cfg, "show", "alice@example.net").stdout
+    assert "bob@example.org" in run("suppress", "-c", cfg, "list").stdout
+
+
+def test_suppress_add_sender_scope(config_file: Path) -> None:
+    cfg = str(config_file)
+    result = run("suppress", "-c", cfg, "add", "alice@example.net", "--sender", "News@Example.com")
+    assert result.returncode == 0, result.stderr
+    assert "sender:news@example.com" in result.stdout
+    show = run("suppress", "-c", cfg, "show", "alice@example.net")
+    assert "\tsender:news@example.com\tmanual\t" in show.stdout
+
+
+def test_suppress_group_and_sender_together_is_a_usage_error(config_file: Path) -> None:
+    result = run(
+        "suppress", "-c", str(config_file), "add", "a@example.net",
+        "--group", "newsletter", "--sender", "news@example.com",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "not allowed with" in result.stderr
+
+
+def test_suppress_unknown_reason_is_a_clean_error(config_file: Path) -> None:
+    result = run("suppress", "-c", str(config_file), "add", "a@example.net", "--reason", "bogus")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "bogus" in result.stderr
+
+
+def test_suppress_needs_a_shared_redis(config_dict: dict[str, Any], tmp_path: Path) -> None:
+    del config_dict["redis"]["url"]
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    result = run("suppress", "-c", str(path), "show", "a@example.net")
+    assert result.returncode == 2
+    assert "redis.url" in result.stderr
+
+
+def test_suppress_redis_down_exits_1(config_dict: dict[str, Any], tmp_path: Path) -> None:
+    config_dict["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    result = run("suppress", "-c", str(path), "show", "a@example.net")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error:") or "\nerror:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_exits_2(config_dict: dict[str, Any], tmp_path: Path) -> None:
+    config_dict["redis"]["url"] = "http://127.0.0.1:6379"
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    result = run("suppress", "-c", str(path), "list")
+    assert result.returncode == 2
+    assert "redis.url" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# queue
+
+
+def test_queue_list(config_file: Path, redis_url: str) -> None:
+    empty = run("queue", "-c", str(config_file), "list")
+    assert empty.returncode == 0, empty.stderr
+    assert "0 message(s) in the retry queue" in empty.stdout
+
+    async def put() -> None:
+        client = redis_client.connect(redis_url, 1)
+        try:
+            queue = RetryQueue(client, "ocr", RetryConfig())
+            await queue.put("bounce@example.com", "bob@example.org", message(), "451 4.2.0 later")
+            await queue.put("bounce@example.com", "carol@example.com", message(), "451 4.2.0 x")
+        finally:
+            await client.aclose()
+
+    asyncio.run(put())
+    listed = run("queue", "-c", str(config_file), "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "2 message(s) in the retry queue" in listed.stdout
+    assert "rcpt=bob@example.org" in listed.stdout
+    assert "rcpt=carol@example.com" in listed.stdout
+    assert "attempts=0" in listed.stdout
+
+
+# ---------------------------------------------------------------------------
+# key generation
+
+
+@pytest.mark.parametrize(("key_type", "algorithm"), [("rsa", "rsa"), ("ed25519", "ed25519")])
+def test_dkim_keygen(tmp_path: Path, key_type: str, algorithm: str) -> None:
+    out = tmp_path / "dkim"
+    result = run(
+        "dkim-keygen", "--domain", "example.com", "--selector", "s2030",
+        "--type", key_type, "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = out / "example.com.s2030.pem"
+    assert path.is_file()
+    assert mode(path) == 0o600
+    assert str(path) in result.stdout
+
+    [record_line] = [line for line in result.stdout.splitlines() if " IN TXT " in line]
+    name, _, strings = record_line.partition(" IN TXT ")
+    assert name == "s2030._domainkey.example.com."
+    parts = re.findall(r'"([^"]*)"', strings)
+    assert parts
+    assert all(len(p) <= 255 for p in parts)
+    record = "".join(parts)
+    assert record.startswith(f"v=DKIM1; k={algorithm}; p=")
+
+    key = load_key(DkimKeyConfig("example.com", "s2030", path))
+    assert key.dns_record() == record
+
+    # a message signed with the new key verifies against the printed record
+    msg = Message.parse(message())
+    signed = msg.replace(prepend=Signer([key]).sign(msg, [key], body_hash(msg.body))).to_bytes()
+
+    def dnsfunc(qname: bytes, timeout: int = 5) -> bytes | None:
+        return record.encode() if qname == b"s2030._domainkey.example.com." else None
+
+    assert dkim.verify(signed, dnsfunc=dnsfunc)
+
+
+def test_token_keygen(tmp_path: Path) -> None:
+    first, second = tmp_path / "keys" / "k1.key", tmp_path / "keys" / "k2.key"
+    for path in (first, second):
+        result = run("token-keygen", "--out", str(path))
+        assert result.returncode == 0, result.stderr
+        assert mode(path) == 0o600
+        assert str(path) in result.stdout
+        assert len(path.read_bytes().strip()) >= 32
+    assert first.read_bytes() != second.read_bytes()
+
+    config = parse_config(
+        {
+            "http": {"public_url": "https://u.example.com"},
+            "tokens": {
+                "keys": [
+                    {"id": "k1", "secret_file": str(first)},
+                    {"id": "k2", "secret_file": str(second)},
+                ]
+            },
+        }
+    )
+    codec = TokenCodec(config.tokens)
+    claims = codec.verify(codec.issue("jane@example.com", "newsletter"))
+    assert (claims.recipient, claims.key_id) == ("jane@example.com", "k1")
+
+
+# ---------------------------------------------------------------------------
+# demo
+
+
+def test_demo(tmp_path: Path) -> None:
+    result = run("demo", "--out", str(tmp_path / "demo"), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "1. A newsletter from news@example.com" in out
+    assert "2. A receipt from receipts@example.com" in out
+    assert "November news" in out
+    assert "Your receipt #1001" in out
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in out
+    assert "-> FAIL" not in out
+    assert out.count("-> pass") >= 2
+    assert "Alice no longer gets the newsletter" in out
+    assert (tmp_path / "demo" / "oneclick-relay.yaml").is_file()
+    assert list((tmp_path / "demo" / "captured").glob("*.eml"))
