@@ -17,6 +17,8 @@ from aiohttp import web
 
 from relay.config import Secret
 from relay.errors import StoreUnavailable
+from relay.redis_client import RedisClient
+from relay.report import GMAIL_GOAL, GMAIL_LIMIT, daily_report
 from relay.retryqueue import RetryQueue
 from relay.suppression import (
     GLOBAL,
@@ -63,7 +65,16 @@ def _date(query: Any, name: str) -> date | None:
 
 
 class AdminApi:
-    def __init__(self, store: SuppressionStore, retry: RetryQueue, token: Secret) -> None:
+    def __init__(
+        self,
+        store: SuppressionStore,
+        retry: RetryQueue,
+        token: Secret,
+        redis: RedisClient,
+        prefix: str,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
         self._store = store
         self._retry = retry
         self._token = token.reveal()
@@ -81,6 +92,7 @@ class AdminApi:
             web.post("/admin/patterns", self.add_pattern),
             web.delete("/admin/patterns/{pattern}", self.remove_pattern),
             web.get("/admin/queue", self.queue),
+            web.get("/admin/report", self.report),
         ]
 
     @web.middleware
@@ -217,6 +229,19 @@ class AdminApi:
     async def remove_pattern(self, request: web.Request) -> web.Response:
         gone = await self._store.remove_pattern(request.match_info["pattern"], "admin-api")
         return web.json_response({"removed": gone}, status=200 if gone else 404)
+
+    async def report(self, request: web.Request) -> web.Response:
+        days = int(request.query.get("days", "7"))
+        if not 1 <= days <= 400:
+            return _bad("days must be 1-400")
+        rows = await daily_report(self._redis, self._prefix, days)
+        group = request.query.get("group")
+        return web.json_response(
+            {
+                "thresholds": {"goal": GMAIL_GOAL, "limit": GMAIL_LIMIT},
+                "days": [r.as_dict() for r in rows if group is None or r.group == group],
+            }
+        )
 
     async def queue(self, request: web.Request) -> web.Response:
         items = await self._retry.list()
@@ -378,5 +403,15 @@ OPENAPI: dict[str, Any] = {
             }
         },
         "/admin/queue": {"get": {"summary": "Retry queue", "responses": {"200": _ok("items")}}},
+        "/admin/report": {
+            "get": {
+                "summary": "Per day and group: sent, bounces, complaints, unsubscribes, rate",
+                "parameters": [
+                    {"name": "days", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "group", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _ok("rows")},
+            }
+        },
     },
 }

@@ -30,6 +30,7 @@ from relay.metrics import Metrics
 from relay.pipeline import Pipeline
 from relay.policy import Policy
 from relay.redis_client import RedisClient
+from relay.report import DailyCounters
 from relay.retryqueue import RetryQueue, RetryWorker
 from relay.signing import Signer
 from relay.smtp import RelayHandler, RelaySMTP
@@ -77,6 +78,8 @@ class Relay:
         self._consumers: list[StreamConsumer] = []
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._closers: list[WebhookSender] = []
+        self._counters_task: asyncio.Task[None] | None = None
+        self._counters: DailyCounters | None = None
         self._parts: _Parts | None = None
         self.handler: RelayHandler | None = None
         self.store: SuppressionStore | None = None
@@ -84,6 +87,11 @@ class Relay:
         self.retry_worker: RetryWorker | None = None
         self.smtp_port = 0
         self.http_port = 0
+
+    @property
+    def counters(self) -> DailyCounters:
+        assert self._counters is not None, "start() first"
+        return self._counters
 
     @property
     def signer(self) -> Signer:
@@ -111,16 +119,25 @@ class Relay:
             policy=SuppressionPolicy.from_config(config.suppression),
         )
         self.retry = RetryQueue(self._redis, config.redis.key_prefix, config.retry)
+        self._counters = DailyCounters(self._redis, config.redis.key_prefix)
         self._parts = parts
         pipeline = self._pipeline(config, parts)
         users = Users.load(config.smtp.auth_users_file) if config.smtp.auth_users_file else None
         self.handler = RelayHandler(pipeline, config.smtp, self.metrics, users)
         tls_context = _server_tls(config.smtp.tls) if config.smtp.tls else None
 
-        unsubscriber = Unsubscriber(parts.tokens, self.store, config.policy, self.metrics)
+        unsubscriber = Unsubscriber(
+            parts.tokens, self.store, config.policy, self.metrics, self.counters
+        )
         self._web = WebApp(unsubscriber, self.store, self.metrics)
         admin = (
-            AdminApi(self.store, self.retry, config.http.admin_token)
+            AdminApi(
+                self.store,
+                self.retry,
+                config.http.admin_token,
+                self._redis,
+                config.redis.key_prefix,
+            )
             if config.http.admin_token is not None
             else None
         )
@@ -169,6 +186,7 @@ class Relay:
             self.metrics,
         )
         self._consumer_tasks = [loop.create_task(c.run()) for c in self._consumers]
+        self._counters_task = loop.create_task(self.counters.run())
         log.info(
             "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s",
             config.smtp.listen.host,
@@ -191,6 +209,7 @@ class Relay:
             upstream=parts.upstream,
             retry=self.retry,
             metrics=self.metrics,
+            counters=self.counters,
         )
 
     async def reload(self, config: Config) -> None:
@@ -205,7 +224,9 @@ class Relay:
         self.config = config
         self.store.set_policy(SuppressionPolicy.from_config(config.suppression))
         self.handler.pipeline = self._pipeline(config, parts)
-        self._web.unsubscriber = Unsubscriber(parts.tokens, self.store, config.policy, self.metrics)
+        self._web.unsubscriber = Unsubscriber(
+            parts.tokens, self.store, config.policy, self.metrics, self.counters
+        )
         if self.retry_worker is not None:
             self.retry_worker.upstream = parts.upstream
         await old.upstream.close()
@@ -228,7 +249,10 @@ class Relay:
             self.loop_lag.stop()
         for consumer in self._consumers:
             consumer.stop()
-        background = {t for t in (self._retry_task, self._lag_task) if t is not None}
+        if self._counters is not None:
+            self._counters.stop()
+        tasks = (self._retry_task, self._lag_task, self._counters_task)
+        background = {t for t in tasks if t is not None}
         background.update(self._consumer_tasks)
         if background:
             _, pending = await asyncio.wait(background, timeout=5)

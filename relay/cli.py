@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--from-start", action="store_true", help="replay the whole stream")
     events.add_argument("--count", type=int, default=0, help="stop after N events")
 
+    report = with_config(sub.add_parser("report", help="sent, bounces, complaints per day"))
+    report.add_argument("--days", type=int, default=7)
+    report.add_argument("--group")
+    report.add_argument("--json", action="store_true")
+
     queue = with_config(sub.add_parser("queue", help="the retry queue"))
     queue.add_argument("action", choices=["list"])
 
@@ -156,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from relay.demo import run_demo
 
         return run_async(run_demo(out=args.out, keep_running=args.keep_running))
-    if command in ("suppress", "queue", "events"):
+    if command in ("suppress", "queue", "events", "report"):
         from relay import commands
 
         return run_async(commands.run_store_command(args, load_config(args.config)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from relay import redis_client
 from relay.config import Config
 from relay.errors import ConfigError
 from relay.redis_client import RedisClient
+from relay.report import daily_report, verdict
 from relay.retryqueue import RetryQueue
 from relay.suppression import (
     GLOBAL,
@@ -120,6 +122,8 @@ async def run_store_command(args: argparse.Namespace, config: Config) -> int:
             return await _queue_list(redis, config)
         if args.command == "events":
             return await _events_tail(redis, config, args.from_start, args.count)
+        if args.command == "report":
+            return await _report(redis, config, args.days, args.group, args.json)
         return await _suppress(args, _store(redis, config))
     finally:
         await redis.aclose()
@@ -253,6 +257,34 @@ async def _events_tail(redis: RedisClient, config: Config, from_start: bool, cou
                 seen += 1
                 if count and seen >= count:
                     return 0
+
+
+async def _report(
+    redis: RedisClient, config: Config, days: int, group: str | None, as_json: bool
+) -> int:
+    rows = [
+        r
+        for r in await daily_report(redis, config.redis.key_prefix, days)
+        if group is None or r.group == group
+    ]
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    print(
+        f"{'day':<11} {'group':<16} {'sent':>8} {'hard':>6} {'soft':>6} {'policy':>6}"
+        f" {'compl.':>6} {'unsub':>6} {'complaint rate':>15}"
+    )
+    for r in rows:
+        c = r.counts
+        print(
+            f"{r.day:<11} {r.group:<16} {c.get('sent', 0):>8} {c.get('hard-bounce', 0):>6}"
+            f" {c.get('soft-bounce', 0):>6} {c.get('policy-bounce', 0):>6}"
+            f" {c.get('complaint', 0):>6} {c.get('unsubscribe', 0):>6}"
+            f" {r.complaint_rate:>14.3%} {verdict(r.complaint_rate)}"
+        )
+    if not rows:
+        print(f"no mail counted in the last {days} day(s)")
+    return 0
 
 
 async def _queue_list(redis: RedisClient, config: Config) -> int:

@@ -160,6 +160,8 @@ class DkimKeyConfig:
     domain: str
     selector: str
     private_key_file: Path
+    key: str = ""
+    """Where this entry is in the YAML, for error messages (``dkim.keys[1]``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,8 +360,10 @@ def _size(value: object, key: str) -> int:
         if m:
             units = {"b": 1, "kb": 1000, "mb": 10**6, "gb": 10**9}
             units |= {"kib": 1024, "mib": MiB, "gib": 1024 * MiB}
-            return int(m.group(1)) * units[(m.group(2) or "b").lower()]
-    raise ConfigError(key, "expected a size in bytes, e.g. 26214400 or 25MiB")
+            size = int(m.group(1)) * units[(m.group(2) or "b").lower()]
+            if size > 0:
+                return size
+    raise ConfigError(key, "expected a positive size in bytes, e.g. 26214400 or 25MiB")
 
 
 def _choice(*options: str) -> Callable[[object, str], Any]:
@@ -559,8 +563,9 @@ def _read_tokens(s: _Section) -> TokensConfig:
         secret = _secret_from(k, "secret", required=True)
         assert secret is not None
         if len(secret.reveal()) < 32:
+            where = "secret_file" if k.has("secret_file") else "secret_env"
             raise ConfigError(
-                k.key("secret_file"), "secret too short: need at least 32 bytes of random data"
+                k.key(where), "secret too short: need at least 32 bytes of random data"
             )
         k.done()
         keys.append(TokenKey(key_id, secret))
@@ -593,10 +598,13 @@ def _read_dkim(top: _Section) -> DkimConfig:
             domain=k.require("domain", _domain),
             selector=k.require("selector", _selector),
             private_key_file=k.file("private_key_file"),
+            key=key,
         )
         k.done()
         if any((e.domain, e.selector) == (entry.domain, entry.selector) for e in keys):
-            raise ConfigError(key, f"duplicate selector {entry.selector} for {entry.domain}")
+            raise ConfigError(
+                k.key("selector"), f"duplicate selector {entry.selector} for {entry.domain}"
+            )
         keys.append(entry)
     return DkimConfig(keys=tuple(keys), require_for_marketing=require)
 

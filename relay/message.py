@@ -80,7 +80,10 @@ def fold(name: str, value: str) -> bytes:
         else:
             line = f"{line} {word}"
     lines.append(line)
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    encoded = [part.encode("utf-8") for part in lines]
+    if any(len(part) > MAX_LINE for part in encoded):
+        raise ValueError(f"{name}: a word too long to fold within {MAX_LINE} octets")
+    return b"\r\n".join(encoded) + b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +98,7 @@ class Message:
         if data.startswith(b"\r\n"):
             raise MessageError("message has no header block")
         end = data.find(b"\r\n\r\n")
-        if end > MAX_HEADER_BLOCK or (end < 0 and len(data) > MAX_HEADER_BLOCK):
+        if end + 2 > MAX_HEADER_BLOCK or (end < 0 and len(data) > MAX_HEADER_BLOCK):
             raise PermFail("5.3.4", f"header block larger than {MAX_HEADER_BLOCK} bytes", 552)
         if end < 0:
             block, body = data, b""

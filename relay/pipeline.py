@@ -31,6 +31,7 @@ from relay.message import Header, Message, from_address
 from relay.metrics import Metrics
 from relay.model import Envelope, Route, domain_of
 from relay.policy import Policy
+from relay.report import DailyCounters
 from relay.retryqueue import RetryQueue
 from relay.signing import DkimKey, Signer, body_hash
 from relay.suppression import Suppression, SuppressionStore
@@ -73,6 +74,7 @@ class Pipeline:
         upstream: Upstream,
         retry: RetryQueue,
         metrics: Metrics,
+        counters: DailyCounters,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
@@ -83,6 +85,7 @@ class Pipeline:
         self._upstream = upstream
         self._retry = retry
         self._metrics = metrics
+        self._counters = counters
         self._clock = clock
 
     async def handle(self, envelope: Envelope) -> SmtpReply:
@@ -280,6 +283,8 @@ class Pipeline:
         else:
             outcome = "partial"
         self._metrics.messages.labels(message_class, outcome).inc()
+        if delivered:
+            self._counters.add("sent", route.group if route else None, delivered)
         for name, count in (
             ("delivered", delivered),
             ("queued", trace.queued),

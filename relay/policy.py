@@ -22,13 +22,24 @@ class _Compiled:
     pattern: re.Pattern[str] | None
 
 
+def _ascii_domain(match: str) -> str:
+    """The rule with an internationalised domain in its ASCII form, as senders are compared."""
+    local, at, domain = match.rpartition("@")
+    if not at or domain.isascii() or any(ch in domain for ch in "*?["):
+        return match
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return match
+
+
 class Policy:
     def __init__(self, config: PolicyConfig) -> None:
         self._config = config
         self._rules: list[_Compiled] = []
         for rule in config.senders:
             if any(ch in rule.match for ch in "*?["):
-                pattern = re.compile(fnmatch.translate(rule.match), re.IGNORECASE)
+                pattern = re.compile(fnmatch.translate(_ascii_domain(rule.match)), re.IGNORECASE)
                 self._rules.append(_Compiled(rule, None, pattern))
             else:
                 exact = normalize_address(rule.match)

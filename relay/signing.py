@@ -86,21 +86,22 @@ class DkimKey:
         return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
 
 
-def load_key(entry: DkimKeyConfig, key: str = "dkim") -> DkimKey:
+def load_key(entry: DkimKeyConfig, index: int = 0) -> DkimKey:
     """Parse one private key file (PEM, PKCS#1 or PKCS#8); errors name the config key."""
+    where = f"{entry.key or f'dkim[{index}]'}.private_key_file"
     try:
         data = Path(entry.private_key_file).read_bytes()
         private = serialization.load_pem_private_key(data, password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(
-            f"{key}.private_key_file",
+            where,
             f"cannot load a private key from {entry.private_key_file}: {type(exc).__name__}",
         ) from None
     if isinstance(private, rsa.RSAPrivateKey):
         if private.key_size < 1024:
-            raise ConfigError(f"{key}.private_key_file", "RSA keys must have at least 1024 bits")
+            raise ConfigError(where, "RSA keys must have at least 1024 bits")
     elif not isinstance(private, ed25519.Ed25519PrivateKey):
-        raise ConfigError(f"{key}.private_key_file", "only RSA and Ed25519 keys are supported")
+        raise ConfigError(where, "only RSA and Ed25519 keys are supported")
     return DkimKey(entry.domain, entry.selector, private)
 
 
@@ -147,7 +148,7 @@ class Signer:
 
     @classmethod
     def from_config(cls, config: DkimConfig) -> Signer:
-        return cls([load_key(entry, f"dkim[{i}]") for i, entry in enumerate(config.keys)])
+        return cls([load_key(entry, i) for i, entry in enumerate(config.keys)])
 
     @property
     def domains(self) -> list[str]:

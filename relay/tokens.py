@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relay.config import TokensConfig, UnsubscribeScope
 
-MAX_TOKEN_LENGTH = 512
+MAX_TOKEN_LENGTH = 1024
+"""Room for a sender-scoped token of two 254-octet addresses and a 64-character group."""
 _NONCE = 12
 _CLOCK_SKEW = 3600
 _SCOPE_CODES: dict[UnsubscribeScope, bytes] = {"group": b"g", "sender": b"s", "all_marketing": b"a"}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from relay.config import PolicyConfig
 from relay.metrics import Metrics
+from relay.report import DailyCounters
 from relay.suppression import SuppressionStore, scopes_for_unsubscribe
 from relay.tokens import TokenClaims, TokenCodec
 
@@ -32,7 +33,9 @@ class Unsubscriber:
         store: SuppressionStore,
         policy: PolicyConfig,
         metrics: Metrics,
+        counters: DailyCounters,
     ) -> None:
+        self._counters = counters
         self._tokens = tokens
         self._store = store
         self._policy = policy
@@ -60,6 +63,8 @@ class Unsubscriber:
             claims.recipient, scope, "unsubscribe", source=channel, detail=detail
         )
         self._metrics.unsubscribes.labels(claims.group, channel).inc()
+        if new:
+            self._counters.add("unsubscribe", claims.group)
         log.info(
             "unsubscribe rcpt=%s scope=%s channel=%s new=%s key=%s issued=%d %s",
             claims.recipient,

@@ -427,7 +427,7 @@ ERRORS: list[tuple[str, Mutation, str]] = [
         setting("dkim.1.private_key_file", _DELETE),
         "dkim[1].private_key_file",
     ),
-    ("dkim-duplicate-selector", duplicate_selector, "dkim[1]"),
+    ("dkim-duplicate-selector", duplicate_selector, "dkim[1].selector"),
     ("dkim-domain-underscore", setting("dkim.0.domain", "exa_mple.com"), "dkim[0].domain"),
     ("dkim-domain-empty-label", setting("dkim.0.domain", "example..com"), "dkim[0].domain"),
     ("dkim-domain-hyphen", setting("dkim.0.domain", "-example.com"), "dkim[0].domain"),

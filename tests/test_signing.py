@@ -415,7 +415,7 @@ def test_load_key_errors_name_the_config_key(
 
 def test_load_key_missing_file_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        load_key(DkimKeyConfig("example.com", "s1", tmp_path / "gone.pem"), "dkim[3]")
+        load_key(DkimKeyConfig("example.com", "s1", tmp_path / "gone.pem", key="dkim[3]"))
     assert err.value.key == "dkim[3].private_key_file"
 
 
