@@ -22,7 +22,7 @@ from relay import redis_client, sdnotify
 from relay.admin import AdminApi
 from relay.auth import Users
 from relay.config import Config, SmtpTlsConfig, load_config
-from relay.embedded import EmbeddedRedis
+from relay.embedded import EmbeddedRedis, EmbeddedRedisError
 from relay.errors import ConfigError
 from relay.events import StreamConsumer, WebhookSender, build_consumers
 from relay.looplag import LoopLagMonitor
@@ -51,6 +51,15 @@ class _Parts:
     tokens: TokenCodec
     signer: Signer
     upstream: Upstream
+
+
+def check_files(config: Config) -> None:
+    """Load keys, certificate and users file once; raises ConfigError naming the key."""
+    Signer.from_config(config.dkim)
+    if config.smtp.tls is not None:
+        _server_tls(config.smtp.tls)
+    if config.smtp.auth_users_file is not None:
+        Users.load(config.smtp.auth_users_file)
 
 
 def _build_parts(config: Config) -> _Parts:
@@ -108,7 +117,10 @@ class Relay:
         config = self.config
         parts = _build_parts(config)
         if config.redis.url is None and config.redis.sentinel is None:
-            self._embedded = await asyncio.to_thread(EmbeddedRedis().start)
+            try:
+                self._embedded = await asyncio.to_thread(EmbeddedRedis().start)
+            except EmbeddedRedisError as exc:
+                raise ConfigError("redis.url", f"not set, and no embedded Redis: {exc}") from None
             log.info("embedded redis started url=%s", self._embedded.url)
         self._redis = redis_client.connect_config(
             config.redis, self._embedded.url if self._embedded else None
@@ -129,7 +141,7 @@ class Relay:
         unsubscriber = Unsubscriber(
             parts.tokens, self.store, config.policy, self.metrics, self.counters
         )
-        self._web = WebApp(unsubscriber, self.store, self.metrics)
+        self._web = WebApp(unsubscriber, self.store, self.metrics, config.http.trusted_proxies)
         admin = (
             AdminApi(
                 self.store,

@@ -114,6 +114,8 @@ class HttpConfig:
     max_body_size: int = 8192
     admin_token: Secret | None = None
     """Bearer token of the /admin/ API; None turns the API off."""
+    trusted_proxies: tuple[Network, ...] = ()
+    """Reverse proxies whose X-Forwarded-For names the real client."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +509,7 @@ def _read_http(s: _Section) -> HttpConfig:
         public_url=s.require("public_url", _https_url),
         max_body_size=s.get("max_body_size", d.max_body_size, _int_range(256, MiB)),
         admin_token=_secret_from(s, "admin_token", required=False),
+        trusted_proxies=tuple(_network(item, key) for item, key in s.items("trusted_proxies")),
     )
     if cfg.admin_token is not None and len(cfg.admin_token.reveal()) < 16:
         raise ConfigError(s.key("admin_token_file"), "token too short: use 16+ random characters")

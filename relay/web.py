@@ -9,12 +9,14 @@ scanners and prefetchers follow GETs, so a GET never changes anything.
 from __future__ import annotations
 
 import html
+import ipaddress
 import logging
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
 from relay.admin import AdminApi
+from relay.config import Network
 from relay.errors import StoreUnavailable
 from relay.metrics import Metrics
 from relay.suppression import SuppressionStore
@@ -66,10 +68,17 @@ def _plain(text: str, status: int = 200) -> web.Response:
 
 
 class WebApp:
-    def __init__(self, unsubscriber: Unsubscriber, store: SuppressionStore, metrics: Metrics):
+    def __init__(
+        self,
+        unsubscriber: Unsubscriber,
+        store: SuppressionStore,
+        metrics: Metrics,
+        trusted_proxies: tuple[Network, ...] = (),
+    ) -> None:
         self.unsubscriber = unsubscriber
         self._store = store
         self._metrics = metrics
+        self._trusted = trusted_proxies
 
     def build(self, max_body_size: int, admin: AdminApi | None = None) -> web.Application:
         app = web.Application(
@@ -124,7 +133,7 @@ class WebApp:
                 token,
                 channel,
                 user_agent=request.headers.get("User-Agent", ""),
-                client=request.remote or "",
+                client=self.client_address(request),
             )
         except TokenError as exc:
             return self._refuse(exc, html_page=via_page)
@@ -140,6 +149,17 @@ class WebApp:
                 f" <strong>{html.escape(name)}</strong>.</p>",
             )
         return _plain(f"Unsubscribed from {name}.")
+
+    def client_address(self, request: web.Request) -> str:
+        """The peer, or behind a trusted proxy the last untrusted X-Forwarded-For hop."""
+        remote = request.remote or ""
+        if not self._trusted or not _in(remote, self._trusted):
+            return remote
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+        for hop in reversed([h for h in hops if h]):
+            if not _in(hop, self._trusted):
+                return hop
+        return remote
 
     def _refuse(self, exc: TokenError, *, html_page: bool) -> web.Response:
         self._metrics.http_rejected.labels(str(exc.status)).inc()
@@ -176,6 +196,14 @@ async def _read_form(request: web.Request) -> dict[str, str]:
         raise ValueError("body is not ASCII form data") from None
     fields = parse_qs(text.strip(), keep_blank_values=True)
     return {k: v[0] for k, v in fields.items()}
+
+
+def _in(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _mask(address: str) -> str:

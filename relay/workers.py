@@ -13,15 +13,20 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from relay.config import Config, HostPort
-from relay.embedded import EmbeddedRedis, free_port
+from relay.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
+from relay.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+MAX_RESTARTS_PER_MINUTE = 5
 
 
 def _child(config: Config) -> None:
@@ -30,7 +35,22 @@ def _child(config: Config) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    raise SystemExit(run_async(serve(config, reuse_port=True)))
+    try:
+        status = run_async(serve(config, reuse_port=True))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        status = EXIT_CONFIG
+    except OSError as exc:
+        print(f"error: cannot listen: {exc}", file=sys.stderr)
+        status = EXIT_CONFIG
+    raise SystemExit(status)
+
+
+def preflight(config: Config) -> None:
+    """Load everything a worker would load from files, so errors surface in the parent."""
+    from relay.app import check_files
+
+    check_files(config)
 
 
 def _concrete(listen: HostPort) -> HostPort:
@@ -44,10 +64,14 @@ def run_workers(config: Config) -> int:
 
     if config.smtp.workers <= 1:
         return run_async(serve(config))
+    preflight(config)  # key, certificate and users-file errors exit 2 before any fork
 
     embedded = None
-    if config.redis.url is None:
-        embedded = EmbeddedRedis().start()
+    if config.redis.url is None and config.redis.sentinel is None:
+        try:
+            embedded = EmbeddedRedis().start()
+        except EmbeddedRedisError as exc:
+            raise ConfigError("redis.url", f"not set, and no embedded Redis: {exc}") from None
         config = replace(config, redis=replace(config.redis, url=embedded.url))
     config = replace(
         config,
@@ -56,6 +80,8 @@ def run_workers(config: Config) -> int:
     )
     ctx = multiprocessing.get_context("fork")
     stopping = False
+    status = 0
+    deaths: list[float] = []
     procs: list[BaseProcess] = []
 
     def start() -> BaseProcess:
@@ -85,16 +111,26 @@ def run_workers(config: Config) -> int:
                     continue
                 if stopping:
                     procs.remove(proc)
-                elif proc.exitcode == 2:
+                elif proc.exitcode == EXIT_CONFIG:
                     log.error("worker exited with a config error; stopping")
+                    status = EXIT_CONFIG
                     stopping = True
                     forward(signal.SIGTERM, None)
                     procs.remove(proc)
                 else:
+                    now = time.monotonic()
+                    deaths[:] = [t for t in deaths if now - t < 60] + [now]
+                    if len(deaths) > MAX_RESTARTS_PER_MINUTE:
+                        log.error("workers keep dying; stopping so the supervisor can act")
+                        status = 1
+                        stopping = True
+                        forward(signal.SIGTERM, None)
+                        procs.remove(proc)
+                        continue
                     log.error("worker pid=%s died status=%s; restarting", proc.pid, proc.exitcode)
                     time.sleep(0.5)
                     procs[procs.index(proc)] = start()
-        return 0
+        return status
     finally:
         if embedded is not None:
             embedded.stop()

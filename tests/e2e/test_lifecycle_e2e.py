@@ -155,3 +155,23 @@ async def test_two_workers_share_the_ports(
     finally:
         os.kill(served.proc.pid, signal.SIGTERM)
         assert await wait_exit(served.proc) == 0
+
+
+def test_worker_config_error_exits_2_without_restart_loop(
+    config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key\n")
+    config_dict["dkim"][0]["private_key_file"] = str(garbage)
+    config_dict["smtp"]["workers"] = 2
+    config_dict["smtp"]["listen"] = f"127.0.0.1:{free_port()}"
+    config_dict["http"]["listen"] = f"127.0.0.1:{free_port()}"
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "dkim[0].private_key_file" in done.stderr

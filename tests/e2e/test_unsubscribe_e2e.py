@@ -242,3 +242,29 @@ async def test_healthz_and_metrics(relay: Relay) -> None:
         async with http.get(f"{base}/metrics") as resp:
             assert resp.status == 200
             assert "oneclick_messages_total" in await resp.text()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_client_address_behind_a_trusted_proxy(
+    make_relay: Any, config_dict: dict[str, Any], sink: Sink, redis_url: str, trusted: bool
+) -> None:
+    if trusted:
+        config_dict["http"]["trusted_proxies"] = ["127.0.0.0/8"]
+    relay = await make_relay(config_dict)
+    tokens = await newsletter(relay, sink, [ALICE])
+    forwarded = {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+    status, _ = await post(
+        relay,
+        tokens[ALICE],
+        data=b"",
+        headers=forwarded,
+    )
+    assert status == 200
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        [(_, fields)] = await client.xrange("ocr:events")
+    finally:
+        await client.aclose()
+    codec = TokenCodec(relay.config.tokens)
+    expected = codec.fingerprint("203.0.113.9" if trusted else "127.0.0.1")
+    assert f"ip={expected}".encode() in fields[b"detail"]
