@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay import __version__
+from relay import __version__, logs
 from relay.config import load_config
 from relay.errors import ConfigError, StoreUnavailable
 from relay.suppression import MANUAL_REASONS
@@ -31,13 +30,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("mail.log", "aiosmtpd", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.setup("text", "debug" if verbose else "info")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,7 +145,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "serve":
         from relay.workers import run_workers
 
-        return run_workers(load_config(args.config))
+        config = load_config(args.config)
+        logs.setup(config.log.format, "debug" if args.verbose else config.log.level)
+        return run_workers(config)
     if command == "check-config":
         from relay.commands import check_config
 

@@ -240,6 +240,12 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig
     upstream: UpstreamConfig
@@ -251,6 +257,7 @@ class Config:
     retry: RetryConfig = RetryConfig()
     suppression: SuppressionConfig = SuppressionConfig()
     events: EventsConfig = EventsConfig()
+    log: LogConfig = LogConfig()
     source: Path | None = None
 
 
@@ -781,6 +788,15 @@ def _read_events(s: _Section) -> EventsConfig:
     return cfg
 
 
+def _read_log(s: _Section) -> LogConfig:
+    cfg = LogConfig(
+        format=s.get("format", "text", _choice("text", "json")),
+        level=s.get("level", "info", _choice("debug", "info", "warning", "error")),
+    )
+    s.done()
+    return cfg
+
+
 def parse_config(raw: object, source: Path | None = None) -> Config:
     """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
     base = source.parent if source is not None else Path.cwd()
@@ -799,6 +815,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         retry=_read_retry(top.section("retry")),
         suppression=_read_suppression(top.section("suppression")),
         events=_read_events(top.section("events")),
+        log=_read_log(top.section("log")),
         source=source,
     )
     top.done()

@@ -298,7 +298,7 @@ class Pipeline:
                 log.info("recipient id=%s rcpt=%s reply=%s", trace.queue_id, rcpt, r)
         log.info(
             "message id=%s msgid=%s from=%s class=%s group=%s rcpts=%d kept=%d suppressed=%d"
-            " copies=%d dkim=%s reply=%s %s ms=%.1f",
+            " copies=%d dkim=%s reply=%s enhanced=%s ms=%.1f",
             trace.queue_id,
             trace.message_id,
             trace.sender,
