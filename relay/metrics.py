@@ -1,10 +1,47 @@
-"""Prometheus metrics, in a registry owned by the app (no module-level state)."""
+"""Prometheus metrics, in a registry owned by the app (no module-level state).
+
+With ``smtp.workers`` > 1 the supervising process sets ``PROMETHEUS_MULTIPROC_DIR``
+before any worker starts; each worker then writes its values to files there and
+``/metrics``, whichever worker answers it, reports the sum over all workers.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class RecentDurations:
+    """The last ``size`` durations, for exact percentiles on the admin dashboard.
+
+    A Prometheus histogram only knows its buckets; a person looking at the page wants
+    "p99 = 14 ms" for recent requests. Per process, like every in-memory value.
+    """
+
+    def __init__(self, size: int = 1000) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def percentile(self, q: float) -> float | None:
+        """Nearest-rank percentile (``q`` in 0..100); None before the first value."""
+        if not self._values:
+            return None
+        ordered = sorted(self._values)
+        rank = max(1, math.ceil(q / 100 * len(ordered)))
+        return ordered[min(rank, len(ordered)) - 1]
 
 
 class Metrics:
@@ -59,6 +96,13 @@ class Metrics:
             ["group", "channel"],
             registry=r,
         )
+        self.unsubscribe_seconds = Histogram(
+            "oneclick_unsubscribe_seconds",
+            "From an unsubscribe request reaching its handler to the suppression being written.",
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.unsubscribe_recent = RecentDurations()
         self.http_rejected = Counter(
             "oneclick_http_rejected",
             "HTTP unsubscribe requests refused, by status.",
@@ -78,7 +122,10 @@ class Metrics:
             registry=r,
         )
         self.retry_length = Gauge(
-            "oneclick_retry_queue_length", "Messages waiting in the retry queue.", registry=r
+            "oneclick_retry_queue_length",
+            "Messages waiting in the retry queue.",
+            registry=r,
+            multiprocess_mode="max",
         )
         self.stage = Histogram(
             "oneclick_stage_seconds",
@@ -98,7 +145,17 @@ class Metrics:
             "oneclick_event_loop_lag_max_seconds",
             "Worst event-loop lag seen since the process started.",
             registry=r,
+            multiprocess_mode="max",
         )
 
+    def observe_unsubscribe(self, seconds: float) -> None:
+        """Time from click to suppression: the histogram and the dashboard's recent ring."""
+        self.unsubscribe_seconds.observe(seconds)
+        self.unsubscribe_recent.add(seconds)
+
     def render(self) -> bytes:
+        if os.environ.get(MULTIPROC_ENV):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
         return generate_latest(self.registry)

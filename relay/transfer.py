@@ -9,14 +9,19 @@ why). Export streams CSV rows as the store is scanned; nothing is held in memory
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
+import logging
 import re
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
+from relay.errors import StoreUnavailable
 from relay.model import normalize_address
 from relay.suppression import (
     REASONS,
@@ -26,6 +31,8 @@ from relay.suppression import (
     describe_scope,
     parse_scope,
 )
+
+log = logging.getLogger(__name__)
 
 EXPORT_COLUMNS = ("address", "scope", "reason", "created", "expires", "source")
 _ADDRESS = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
@@ -237,3 +244,76 @@ async def stats(store: SuppressionStore, days: int = 30) -> Stats:
     result.addresses = len(addresses)
     result.patterns = len(await store.patterns()) + len(store.policy.patterns)
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class CachedStats:
+    stats: Stats
+    computed: float
+    """Wall-clock time the scan finished (the page says how old the numbers are)."""
+    seconds: float
+    """How long the scan took."""
+
+
+class StatsCache:
+    """``stats()`` at most once per ``max_age`` seconds, computed in the background.
+
+    A full scan of 10 M entries takes minutes, too slow for a page view: a request
+    starts a scan when the result is older than ``max_age``, waits for it at most
+    ``wait`` seconds, and otherwise gets the previous result (``None`` before the
+    first one). One scan runs at a time.
+    """
+
+    def __init__(
+        self,
+        store: SuppressionStore,
+        max_age: float = 300.0,
+        wait: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._max_age = max_age
+        self._wait = wait
+        self._clock = clock
+        self._value: CachedStats | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.error: str | None = None
+        """Why the last scan failed, until one succeeds."""
+
+    @property
+    def max_age(self) -> float:
+        return self._max_age
+
+    @property
+    def refreshing(self) -> bool:
+        return self._task is not None
+
+    async def get(self) -> CachedStats | None:
+        value = self._value
+        stale = value is None or self._clock() - value.computed >= self._max_age
+        if stale and self._task is None:
+            self._task = asyncio.create_task(self._refresh())
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=self._wait)
+        return self._value
+
+    async def _refresh(self) -> None:
+        started = self._clock()
+        try:
+            result = await stats(self._store)
+        except StoreUnavailable as exc:
+            self.error = str(exc)
+            log.warning("suppression stats not computed: %s", exc)
+        else:
+            finished = self._clock()
+            self._value = CachedStats(result, finished, finished - started)
+            self.error = None
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -7,6 +7,7 @@ the mailto address) so they behave the same.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from relay.config import PolicyConfig
@@ -56,12 +57,15 @@ class Unsubscriber:
     async def unsubscribe(
         self, token: str, channel: str, user_agent: str = "", client: str = ""
     ) -> Unsubscribed:
+        """Write the suppression; the time taken is the dashboard's click-to-suppression."""
+        started = time.perf_counter()
         claims = self._tokens.verify(token)
         scope = scopes_for_unsubscribe(claims.scope, claims.group, claims.sender)
         detail = f"ua={user_agent[:120]!r} ip={self._tokens.fingerprint(client)}" if client else ""
         new = await self._store.add(
             claims.recipient, scope, "unsubscribe", source=channel, detail=detail
         )
+        self._metrics.observe_unsubscribe(time.perf_counter() - started)
         self._metrics.unsubscribes.labels(claims.group, channel).inc()
         if new:
             self._counters.add("unsubscribe", claims.group)

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
@@ -26,6 +27,7 @@ from relay.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
 MAX_RESTARTS_PER_MINUTE = 5
 
 
@@ -46,6 +48,13 @@ def _child(config: Config) -> None:
     raise SystemExit(status)
 
 
+def mark_process_dead(pid: int | None) -> None:
+    from prometheus_client.multiprocess import mark_process_dead as mark
+
+    if pid is not None:
+        mark(pid)  # type: ignore[no-untyped-call]
+
+
 def preflight(config: Config) -> None:
     """Load everything a worker would load from files, so errors surface in the parent."""
     from relay.app import check_files
@@ -59,11 +68,13 @@ def _concrete(listen: HostPort) -> HostPort:
 
 def run_workers(config: Config) -> int:
     """Serve with ``config.smtp.workers`` processes; returns the exit status."""
-    from relay.app import serve
-    from relay.cli import run_async
-
     if config.smtp.workers <= 1:
+        from relay.app import serve
+        from relay.cli import run_async
+
         return run_async(serve(config))
+    metrics_dir = tempfile.TemporaryDirectory(prefix="oneclick-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir.name  # before prometheus_client is imported
     preflight(config)  # key, certificate and users-file errors exit 2 before any fork
 
     embedded = None
@@ -109,6 +120,7 @@ def run_workers(config: Config) -> int:
                 proc.join(timeout=0.2)
                 if proc.exitcode is None:
                     continue
+                mark_process_dead(proc.pid)
                 if stopping:
                     procs.remove(proc)
                 elif proc.exitcode == EXIT_CONFIG:
@@ -134,3 +146,4 @@ def run_workers(config: Config) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+        metrics_dir.cleanup()

@@ -145,11 +145,18 @@ async def test_two_workers_share_the_ports(
         )
         assert all(code == 250 for code, _ in replies)
         assert len(sink.handler.messages) == 20
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{served.http}/healthz") as resp,
-        ):
-            assert resp.status == 200
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{served.http}/healthz") as resp:
+                assert resp.status == 200
+            for _ in range(4):  # whichever worker answers, the counts cover both
+                async with http.get(f"http://127.0.0.1:{served.http}/metrics") as resp:
+                    text = await resp.text()
+                delivered = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("oneclick_messages_total{") and 'outcome="delivered"' in line
+                )
+                assert delivered == 20
         pids = {line.split()[3] for line in served.output().splitlines() if "relay started" in line}
         assert len(pids) == 2, served.output()
     finally:
