@@ -204,8 +204,13 @@ async def run_demo(out: Path | None = None, keep_running: bool = False) -> int:
             print(
                 f"  swaks --server 127.0.0.1:{relay.smtp_port} --from {NEWS} --to you@example.net"
             )
-            print(f"  open the List-Unsubscribe URL of any .eml in {out / 'captured'}")
-            print(f"  config: {out / 'oneclick-relay.yaml'}")
+            bob_copy = next(c for c in handler.messages if c.rcpt_tos == (BOB,))
+            bob_url = _header(bob_copy.data, "List-Unsubscribe").strip("<>").split(">")[0]
+            print(
+                f"  open Bob's unsubscribe link in a browser and press the button:\n    {bob_url}"
+            )
+            print(f"  then send another newsletter to {BOB}: the relay skips him")
+            print(f"  captured mail: {out / 'captured'}   config: {out / 'oneclick-relay.yaml'}")
             await asyncio.Event().wait()
         return 0 if ok else 1
     finally:
