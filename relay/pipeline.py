@@ -150,8 +150,8 @@ class Pipeline:
             copies = self._copies(base, kept, route, keys, bh)
 
         with self._stage("upstream"):
-            trace.replies = await self._deliver(envelope.mail_from, copies)
-        return await self._answer(envelope, copies, trace)
+            trace.replies, deferred = await self._deliver(envelope.mail_from, copies, len(kept))
+        return await self._answer(envelope, deferred, trace)
 
     async def _blocked(self, rcpts: tuple[str, ...], route: Route) -> dict[str, Suppression]:
         try:
@@ -190,50 +190,64 @@ class Pipeline:
         route: Route,
         keys: list[DkimKey],
         bh: bytes,
-    ) -> list[_Copy]:
+    ) -> Iterator[_Copy]:
+        """The signed copies to send, built one at a time as the delivery workers ask."""
         if not route.is_marketing:
-            return [_Copy(rcpts, self._sign(base, keys, bh))]
+            yield _Copy(rcpts, self._sign(base, keys, bh))
+            return
         if self._keeps_app(base, route):
             fixed = base.replace(
                 remove=("list-unsubscribe-post",),
                 append=[Header.build("List-Unsubscribe-Post", headers.ONE_CLICK)],
             )
-            return [_Copy(rcpts, self._sign(fixed, keys, bh))]
+            yield _Copy(rcpts, self._sign(fixed, keys, bh))
+            return
         group_name = route.group or self._policy.config.default_group
         group = self._policy.config.groups.get(group_name)
         public_url = self._config.http.public_url
         sender = route.sender if route.unsubscribe_scope == "sender" else None
-        copies = []
         for rcpt in rcpts:
             token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
             url = headers.unsubscribe_url(public_url, token)
             personal = base.replace(prepend=headers.one_click_headers(url, group, token))
-            copies.append(_Copy((rcpt,), self._sign(personal, keys, bh)))
-        return copies
+            yield _Copy((rcpt,), self._sign(personal, keys, bh))
 
     def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> bytes:
         if not keys:
             return message.to_bytes()
-        signatures = self._signer.sign(message, keys, bh)
+        with self._stage("sign"):
+            signatures = self._signer.sign(message, keys, bh)
         return b"".join(h.raw for h in signatures) + message.to_bytes()
 
-    async def _deliver(self, mail_from: str, copies: list[_Copy]) -> dict[str, SmtpReply]:
-        """All copies over the pool, at most ``upstream.connections`` at a time."""
+    async def _deliver(
+        self, mail_from: str, copies: Iterator[_Copy], recipients: int
+    ) -> tuple[dict[str, SmtpReply], dict[str, bytes]]:
+        """All copies over the pool, at most ``upstream.connections`` at a time.
+
+        Copies are built lazily, so a 1,000-recipient newsletter never holds 1,000
+        signed copies in memory; only deferred copies are kept, for the retry queue.
+        Answers the reply per recipient and the bytes of each deferred recipient's copy.
+        """
         replies: dict[str, SmtpReply] = {}
-        pending = iter(copies)
+        deferred: dict[str, bytes] = {}
 
         async def worker() -> None:
-            for copy in pending:
+            for copy in copies:
                 result = await self._upstream.send(Outbound(mail_from, copy.recipients, copy.data))
                 replies.update(result)
+                for rcpt, reply in result.items():
+                    if reply.is_temporary:
+                        deferred[rcpt] = copy.data
 
-        workers = min(len(copies), self._upstream.connections)
+        workers = min(recipients, self._upstream.connections)
         await asyncio.gather(*(worker() for _ in range(workers)))
         for reply in replies.values():
             self._metrics.upstream_replies.labels(f"{reply.code // 100}xx").inc()
-        return replies
+        return replies, deferred
 
-    async def _answer(self, envelope: Envelope, copies: list[_Copy], trace: Trace) -> SmtpReply:
+    async def _answer(
+        self, envelope: Envelope, deferred_data: dict[str, bytes], trace: Trace
+    ) -> SmtpReply:
         replies = trace.replies
         accepted = [r for r, reply in replies.items() if reply.is_success]
         deferred = [r for r, reply in replies.items() if reply.is_temporary]
@@ -241,11 +255,10 @@ class Pipeline:
         if not accepted:
             return next((replies[r] for r in deferred), None) or replies[refused[0]]
         if deferred:
-            data_of = {r: copy.data for copy in copies for r in copy.recipients}
             try:
                 for rcpt in deferred:
                     await self._retry.put(
-                        envelope.mail_from, rcpt, data_of[rcpt], str(replies[rcpt])
+                        envelope.mail_from, rcpt, deferred_data[rcpt], str(replies[rcpt])
                     )
                     self._metrics.retry.labels("queued").inc()
             except StoreUnavailable:
