@@ -4,19 +4,41 @@ Off unless ``http.admin_token_file`` is set; every request needs
 ``Authorization: Bearer <token>`` (compared in constant time). The same
 operations as ``oneclick-relay suppress …``; the OpenAPI document is served at
 ``/admin/openapi.json``.
+
+``GET /admin/`` is the dashboard, an HTML page for a person with a browser, which
+cannot send a bearer header: without a token it answers 401 with a sign-in form
+that POSTs the token to ``/admin/login``, which sets an HttpOnly, SameSite=Strict
+session cookie (Secure over HTTPS) good for 12 hours and for the dashboard only;
+see ``relay/dashboard.py``.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from datetime import date
+import time
+from datetime import UTC, date, datetime
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from relay.config import Secret
+from relay.dashboard import (
+    PAGE_HEADERS,
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    DashboardData,
+    Latency,
+    day_range,
+    render_dashboard,
+    render_login,
+    session_valid,
+    session_value,
+    suppression_counts,
+)
 from relay.errors import StoreUnavailable
+from relay.metrics import Metrics
 from relay.redis_client import RedisClient
 from relay.report import GMAIL_GOAL, GMAIL_LIMIT, daily_report
 from relay.retryqueue import RetryQueue
@@ -31,11 +53,19 @@ from relay.suppression import (
 from relay.suppression import (
     MANUAL_REASONS as REASON_CHOICES,
 )
-from relay.transfer import ExportFilter, export_csv, export_row, import_lines, stats
+from relay.transfer import (
+    ExportFilter,
+    StatsCache,
+    export_csv,
+    export_row,
+    import_lines,
+    stats,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_IMPORT_BYTES = 32 * 1024 * 1024
+DASHBOARD = "/admin/"
 
 
 def _entry(e: Suppression) -> dict[str, Any]:
@@ -59,6 +89,20 @@ def _scope(query: Any) -> str | None:
     return parse_scope(group, sender) if group or sender else None
 
 
+def _html(text: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=text,
+        status=status,
+        content_type="text/html",
+        headers=PAGE_HEADERS | (headers or {}),
+    )
+
+
+def _https(request: web.Request) -> bool:
+    """Behind a TLS-terminating proxy too; a forged header only makes the cookie stricter."""
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
+
 def _date(query: Any, name: str) -> date | None:
     value = query.get(name)
     return date.fromisoformat(value) if value else None
@@ -72,7 +116,13 @@ class AdminApi:
         token: Secret,
         redis: RedisClient,
         prefix: str,
+        *,
+        metrics: Metrics,
+        stats_max_age: float = 300.0,
     ) -> None:
+        """``stats_max_age``: how old the dashboard's suppression counts may get."""
+        self._metrics = metrics
+        self._stats_cache = StatsCache(store, max_age=stats_max_age)
         self._redis = redis
         self._prefix = prefix
         self._store = store
@@ -81,6 +131,10 @@ class AdminApi:
 
     def routes(self) -> list[web.RouteDef]:
         return [
+            web.get("/admin", self.to_dashboard),
+            web.get(DASHBOARD, self.dashboard),
+            web.post("/admin/login", self.login),
+            web.post("/admin/logout", self.logout),
             web.get("/admin/openapi.json", self.openapi),
             web.get("/admin/suppressions", self.export),
             web.post("/admin/suppressions", self.add),
@@ -97,13 +151,18 @@ class AdminApi:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if not request.path.startswith("/admin/"):
+        signing_in = request.method == "POST" and request.path in ("/admin/login", "/admin/logout")
+        if not request.path.startswith("/admin/") or signing_in:  # login checks the token
             response: web.StreamResponse = await handler(request)
             return response
-        supplied = request.headers.get("Authorization", "")
-        scheme, _, token = supplied.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self._token):
+        if not self._authorized(request):
             log.warning("admin request refused path=%s client=%s", request.path, request.remote)
+            if request.path == DASHBOARD:
+                return _html(
+                    render_login(),
+                    401,
+                    {"WWW-Authenticate": 'Bearer realm="oneclick-relay admin"'},
+                )
             return web.json_response(
                 {"error": "missing or wrong bearer token"},
                 status=401,
@@ -116,6 +175,80 @@ class AdminApi:
         except ValueError as exc:
             return _bad(str(exc))
         return response
+
+    def _authorized(self, request: web.Request) -> bool:
+        """The bearer token, or for the dashboard page only, the session cookie."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._token):
+            return True
+        cookie = request.cookies.get(SESSION_COOKIE)
+        return (
+            cookie is not None
+            and request.path == DASHBOARD
+            and request.method in ("GET", "HEAD")
+            and session_valid(self._token, cookie, time.time())
+        )
+
+    async def close(self, app: web.Application) -> None:
+        """``on_cleanup``: stop a suppression scan still running for the dashboard."""
+        await self._stats_cache.close()
+
+    async def to_dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(status=308, headers={"Location": "admin/"})
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        supplied = form.get("token")
+        if not isinstance(supplied, str) or not hmac.compare_digest(
+            supplied.strip().encode(), self._token
+        ):
+            log.warning("admin login refused client=%s", request.remote)
+            return _html(render_login("That is not the admin token."), 401)
+        log.info("admin login client=%s", request.remote)
+        response = _html("", 303, {"Location": "./"})
+        response.set_cookie(
+            SESSION_COOKIE,
+            session_value(self._token, time.time()),
+            max_age=SESSION_SECONDS,
+            path=DASHBOARD,
+            httponly=True,
+            samesite="Strict",
+            secure=_https(request) or None,
+        )
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        response = _html("", 303, {"Location": "./"})
+        response.del_cookie(SESSION_COOKIE, path=DASHBOARD, httponly=True, samesite="Strict")
+        return response
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        days = int(request.query.get("days", "30"))
+        if not 1 <= days <= 400:
+            return _bad("days must be 1-400")
+        today = datetime.now(UTC).date()
+        try:
+            rows = await daily_report(self._redis, self._prefix, days, today)
+        except RedisError as exc:
+            raise StoreUnavailable(f"daily counters: {type(exc).__name__}") from exc
+        cache = self._stats_cache
+        cached = await cache.get()
+        note = ""
+        if cache.error:
+            note = f"The last scan failed ({cache.error})."
+        elif cache.refreshing:
+            note = "A full scan is running; reload for newer counts."
+        recent = self._metrics.unsubscribe_recent
+        data = DashboardData(
+            days=day_range(today, days),
+            rows=rows,
+            latency=Latency(len(recent), recent.percentile(50), recent.percentile(99)),
+            generated=datetime.now(UTC),
+            suppressions=suppression_counts(cached) if cached else None,
+            suppressions_note=note,
+            cache_minutes=cache.max_age / 60,
+        )
+        return _html(render_dashboard(data))
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
@@ -288,15 +421,70 @@ def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any
     return {"description": description, "content": content}
 
 
+def _page(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "oneclick-relay admin API", "version": "1"},
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE},
+        },
         "schemas": {"Entry": _ENTRY},
     },
     "security": [{"bearer": []}],
     "paths": {
+        DASHBOARD: {
+            "get": {
+                "summary": "Dashboard (HTML): unsubscribes, complaint and bounce rates, "
+                "suppression counts by reason, time from click to suppression",
+                "security": [{"bearer": []}, {"session": []}],
+                "parameters": [
+                    {
+                        "name": "days",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 400, "default": 30},
+                    }
+                ],
+                "responses": {
+                    "200": _page("the dashboard"),
+                    "401": _page("no token or session: the sign-in form"),
+                },
+            }
+        },
+        "/admin/login": {
+            "post": {
+                "summary": "Sign in to the dashboard with the admin token (sets the session "
+                "cookie: HttpOnly, SameSite=Strict, Secure over HTTPS, 12 hours)",
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {"token": {"type": "string"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "303": {"description": "signed in: to the dashboard"},
+                    "401": _page("wrong token: the sign-in form again"),
+                },
+            }
+        },
+        "/admin/logout": {
+            "post": {
+                "summary": "End the dashboard session (clears the cookie)",
+                "security": [],
+                "responses": {"303": {"description": "signed out: to the sign-in form"}},
+            }
+        },
         "/admin/suppressions": {
             "get": {
                 "summary": "Export live entries as CSV (streamed)",

@@ -149,6 +149,7 @@ class Relay:
                 config.http.admin_token,
                 self._redis,
                 config.redis.key_prefix,
+                metrics=self.metrics,
             )
             if config.http.admin_token is not None
             else None

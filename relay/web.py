@@ -87,6 +87,7 @@ class WebApp:
         )
         if admin is not None:
             app.add_routes(admin.routes())
+            app.on_cleanup.append(admin.close)
         app.add_routes(
             [
                 web.post("/u/{token}", self.post_unsubscribe),
