@@ -242,7 +242,9 @@ class AdminApi:
         data = DashboardData(
             days=day_range(today, days),
             rows=rows,
-            latency=Latency(len(recent), recent.percentile(50), recent.percentile(99)),
+            latency=Latency(
+                len(recent), recent.percentile(50), recent.percentile(99), recent.values()
+            ),
             generated=datetime.now(UTC),
             suppressions=suppression_counts(cached) if cached else None,
             suppressions_note=note,

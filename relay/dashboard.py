@@ -14,6 +14,7 @@ session). The cookie is only good for viewing this page, not for the JSON API.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import html
@@ -51,6 +52,11 @@ _FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, DejaVu Sans, s
 
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
+
+
+def _clip(text: str, length: int) -> str:
+    """A label that fits its column; the full text is in the element's title."""
+    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 def _n(value: float) -> str:
@@ -130,7 +136,8 @@ def day_range(today: date, days: int) -> list[str]:
 
 
 def _day_label(day: str) -> str:
-    return date.fromisoformat(day).strftime("%b %d")
+    when = date.fromisoformat(day)
+    return f"{when:%b} {when.day}"
 
 
 # --- data shaping -----------------------------------------------------------------------
@@ -241,8 +248,9 @@ def _grid(frame: Frame, top: float, step: float, fmt: str) -> list[str]:
 
 
 def _x_labels(frame: Frame, days: Sequence[str]) -> list[str]:
+    """A date under every ``step``-th bar, today always, never closer than 60 units."""
     n = len(days)
-    step = max(1, math.ceil(n / 10))
+    step = max(1, math.ceil(n / max(2, frame.plot_width // 60)))
     return [
         f'<text x="{_n(frame.centre(i, n))}" y="{_n(frame.baseline + 18)}" text-anchor="middle" '
         f'fill="#5F6368">{_e(_day_label(day))}</text>'
@@ -274,7 +282,7 @@ def stacked_bars(
     frame: Frame | None = None,
 ) -> str:
     """A bar per day, one stacked segment per series (each with a hover title)."""
-    frame = frame or Frame(1100, 260)
+    frame = frame or Frame(1100, 220)
     n = len(days)
     per_day = [sum(values[i] for _, values in series) for i in range(n)]
     top, step = axis_top(max(per_day, default=0) or 1, integer=True)
@@ -323,7 +331,7 @@ def line_chart(
     frame: Frame | None = None,
 ) -> str:
     """Rates per day as lines (a gap where a day has no value), with reference lines."""
-    frame = frame or Frame(540, 260, right=84 if thresholds else 16)
+    frame = frame or Frame(540, 230, right=84 if thresholds else 16)
     n = len(days)
     values = [v for _, vs, _ in series for v in vs if v is not None]
     highest = max([*values, *(t.value for t in thresholds)], default=0.0)
@@ -380,7 +388,7 @@ def reason_bars(counts: Mapping[str, Mapping[str, int]], label: str, width: int 
         mid = _n(y + (row_height - 8) / 2)
         parts.append(
             f'<text x="{label_width - 8}" y="{mid}" dy="4" text-anchor="end" '
-            f'fill="#3C4043">{_e(reason)}</text>'
+            f'fill="#3C4043">{_e(_clip(reason, 15))}</text>'
         )
         x = float(frame.left)
         for kind in sorted(kinds, key=lambda k: (k not in SCOPE_COLOURS, k)):
@@ -404,6 +412,41 @@ def reason_bars(counts: Mapping[str, Mapping[str, int]], label: str, width: int 
     return "".join(parts)
 
 
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def latency_histogram(durations: Sequence[float], label: str, width: int = 540) -> str:
+    """How many of ``durations`` fall in each bucket (upper bounds in ms under the bars)."""
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    for seconds in durations:
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    names = [f"{b * 1000:g}" for b in LATENCY_BUCKETS]
+    names.append(f">{names[-1]}")
+    frame = Frame(width, 130, left=44)
+    top, step = axis_top(max(counts) or 1, ticks=3, integer=True)
+    parts = [_svg_open(frame, "histogram", label), *_grid(frame, top, step, "count")]
+    n = len(counts)
+    bar = frame.band(n) * 0.8
+    for i, (name, count) in enumerate(zip(names, counts, strict=True)):
+        x = frame.centre(i, n)
+        if count:
+            y = frame.y(count, top)
+            bound = name if name.startswith(">") else f"≤ {name}"
+            parts.append(
+                f'<rect class="bar" x="{_n(x - bar / 2)}" y="{_n(y)}" width="{_n(bar)}" '
+                f'height="{_n(frame.baseline - y)}" fill="#0072B2">'
+                f"<title>{_e(bound)} ms: {count:,}</title></rect>"
+            )
+        parts.append(
+            f'<text x="{_n(x)}" y="{_n(frame.baseline + 18)}" text-anchor="middle" '
+            f'fill="#5F6368">{_e(name)}</text>'
+        )
+    if not durations:
+        parts.append(_empty(frame, "No unsubscribes since the relay started"))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def legend(items: Iterable[tuple[str, str]]) -> str:
     entries = "".join(
         f'<li><span class="sw" style="background:{colour}"></span>{_e(name)}</li>'
@@ -422,6 +465,7 @@ class Latency:
     samples: int
     p50: float | None
     p99: float | None
+    durations: Sequence[float] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +544,7 @@ th:first-child,td:first-child{text-align:left}
 .pct{display:flex;gap:1.5rem;margin:.3rem 0 .2rem}
 .pct div{font-size:.8rem;color:#5F6368}
 .pct b{display:block;font-size:1.6rem;color:#202124;font-weight:600}
+@media (max-width:860px){.tiles{grid-template-columns:repeat(2,1fr)}.row{display:block}}
 """
 
 
@@ -563,7 +608,7 @@ def _suppressions(data: DashboardData) -> str:
         return f'<p class="note">{note or "Not computed yet."} Reload in a minute.</p>'
     when = s.computed.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     age = (
-        f"Live entries, computed {when} by a full scan ({s.scan_seconds:.1f} s), "
+        f"Live entries, computed {when} by a full scan ({fmt_seconds(s.scan_seconds)}), "
         f"refreshed at most every {data.cache_minutes:g} min. "
         f"{s.addresses:,} addresses, {s.patterns:,} patterns."
     )
@@ -651,7 +696,7 @@ def render_dashboard(data: DashboardData) -> str:
     ]
     bounce_card = (
         '<section class="card"><h2>Bounce rate</h2>'
-        '<p class="note">Bounces ÷ sent, all groups, with the same 0.1% / 0.3% lines.</p>'
+        '<p class="note">Bounces ÷ sent, all groups (dashed: the complaint thresholds).</p>'
         + line_chart(days, bounce_series, "Bounce rate per day", GMAIL_THRESHOLDS)
         + legend((name, colour) for name, _, colour in bounce_series)
         + "</section>"
@@ -663,7 +708,10 @@ def render_dashboard(data: DashboardData) -> str:
         "(all of them: <code>oneclick_unsubscribe_seconds</code> in /metrics).</p>"
         f'<div class="pct"><div>p50<b>{_e(fmt_seconds(lat.p50))}</b></div>'
         f"<div>p99<b>{_e(fmt_seconds(lat.p99))}</b></div>"
-        f"<div>samples<b>{lat.samples:,}</b></div></div></section>"
+        f"<div>samples<b>{lat.samples:,}</b></div></div>"
+        + latency_histogram(lat.durations, "Click to suppression, recent requests by duration")
+        + '<p class="note">Requests per duration bucket; upper bounds in milliseconds.</p>'
+        + "</section>"
     )
     body = (
         header

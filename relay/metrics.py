@@ -35,6 +35,9 @@ class RecentDurations:
     def __len__(self) -> int:
         return len(self._values)
 
+    def values(self) -> list[float]:
+        return list(self._values)
+
     def percentile(self, q: float) -> float | None:
         """Nearest-rank percentile (``q`` in 0..100); None before the first value."""
         if not self._values:

@@ -16,6 +16,7 @@ from relay.dashboard import (
     axis_top,
     day_range,
     fmt_pct,
+    latency_histogram,
     line_chart,
     reason_bars,
     render_dashboard,
@@ -50,6 +51,10 @@ def elements(svg: ET.Element, tag: str, css_class: str | None = None) -> list[ET
     return [e for e in found if css_class is None or e.get("class") == css_class]
 
 
+def titles(svg: ET.Element) -> list[str]:
+    return [b.findtext(SVG + "title") or "" for b in elements(svg, "rect", "bar")]
+
+
 def rows() -> list[DayRow]:
     """Seven days of two groups: 10 000 sent a day, complaints rising to 0.4 %."""
     result = []
@@ -69,7 +74,7 @@ def page(**overrides: object) -> str:
     data = DashboardData(
         days=DAYS,
         rows=rows(),
-        latency=Latency(3, 0.0021, 0.0093),
+        latency=Latency(3, 0.0021, 0.0093, [0.0015, 0.0021, 0.0093]),
         generated=datetime(2026, 3, 14, 12, 0, tzinfo=UTC),
         **overrides,  # type: ignore[arg-type]
     )
@@ -197,7 +202,12 @@ def test_page_escapes_group_names_everywhere() -> None:
 def test_page_has_every_chart_and_the_numbers() -> None:
     text = page()
     charts = svgs(text)
-    assert [c.get("class") for c in charts] == ["chart bars", "chart lines", "chart lines"]
+    assert [c.get("class") for c in charts] == [
+        "chart bars",
+        "chart lines",
+        "chart lines",
+        "chart histogram",
+    ]
     assert len(elements(charts[1], "line", "threshold")) == 2
     assert "2.1 ms" in text and "9.3 ms" in text  # click → suppression p50 / p99
     assert "Not computed yet." in text  # no suppression counts passed
@@ -215,10 +225,20 @@ def test_page_shows_suppression_counts_and_when_they_were_computed() -> None:
     assert "4 addresses, 2 patterns" in text
     assert "A scan is running." in text
     assert "<script" not in text.lower()
-    hbars = svgs(text)[-1]
+    (hbars,) = (c for c in svgs(text) if c.get("class") == "chart hbars")
     assert [b.findtext(SVG + "title") for b in elements(hbars, "rect", "bar")] == [
         "complaint · global: 3",
         f"{EVIL} · group: 1",
+    ]
+
+
+def test_latency_histogram_counts_per_bucket_upper_bound_inclusive() -> None:
+    svg = parse(latency_histogram([0.0004, 0.001, 0.0011, 0.0012, 3.0], "latency"))
+    assert titles(svg) == ["≤ 0.5 ms: 1", "≤ 1 ms: 1", "≤ 2 ms: 2", ">1000 ms: 1"]
+    empty = parse(latency_histogram([], "latency"))
+    assert titles(empty) == []
+    assert [t.text for t in elements(empty, "text", "empty")] == [
+        "No unsubscribes since the relay started"
     ]
 
 
