@@ -34,7 +34,14 @@ from relay.app import Relay
 from relay.dashboard import SESSION_COOKIE
 from relay.redis_client import connect
 from relay.report import DailyCounters
-from relay.suppression import GLOBAL, group_scope, sender_scope
+from relay.suppression import (
+    GLOBAL,
+    ImportRow,
+    SuppressionStore,
+    group_scope,
+    sender_scope,
+)
+from relay.transfer import StatsCache
 
 TOKEN = "dashboard-admin-token-0123456789"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -448,3 +455,76 @@ async def test_page_renders_in_headless_chromium(
     assert len(pixels) > 200, "the screenshot is (nearly) one colour"
     header, first_group = bytes.fromhex("1F2937"), bytes.fromhex("0072B2")
     assert header in pixels and first_group in pixels
+
+
+async def wait_idle(cache: StatsCache) -> None:
+    for _ in range(500):
+        if not cache.refreshing:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the suppression scan did not finish")
+
+
+async def test_stats_cache_recomputes_only_when_old(redis_url: str) -> None:
+    redis = connect(redis_url, 1)
+    store = SuppressionStore(redis)
+    now = [1_000_000.0]
+    cache = StatsCache(store, max_age=300, wait=5, clock=lambda: now[0])
+    try:
+        await store.add("a@example.org", GLOBAL, "manual", source="test")
+        first = await cache.get()
+        assert first is not None
+        assert first.stats.by_scope_reason == {("global", "manual"): 1}
+        assert first.computed == now[0]
+        await store.add("b@example.org", GLOBAL, "complaint", source="test")
+        now[0] += 299
+        assert await cache.get() is first
+        assert not cache.refreshing
+        now[0] += 1
+        second = await cache.get()
+        assert second is not None and second is not first
+        assert second.stats.by_scope_reason[("global", "complaint")] == 1
+    finally:
+        await cache.close()
+        await redis.aclose()
+
+
+async def test_stats_cache_serves_the_old_result_while_a_scan_runs(redis_url: str) -> None:
+    redis = connect(redis_url, 1)
+    store = SuppressionStore(redis)
+    now = [1_000_000.0]
+    cache = StatsCache(store, max_age=60, wait=0, clock=lambda: now[0])
+    try:
+        rows = [ImportRow(i, f"user{i}@example.org", GLOBAL, "manual") for i in range(5000)]
+        await store.add_many(rows, source="test")  # a scan takes 10 round trips or more
+        assert await cache.get() is None  # wait=0: a page view never waits for the scan
+        assert cache.refreshing
+        await wait_idle(cache)
+        first = await cache.get()
+        assert first is not None
+        assert first.stats.by_scope_reason == {("global", "manual"): 5000}
+        now[0] += 61
+        assert await cache.get() is first  # stale: shown while the next scan runs
+        assert cache.refreshing
+        await wait_idle(cache)
+        assert await cache.get() is not first
+        now[0] += 61
+        await cache.get()
+        assert cache.refreshing
+        await cache.close()  # what the app's cleanup does at shutdown: the scan is cancelled
+        assert not cache.refreshing
+    finally:
+        await cache.close()
+        await redis.aclose()
+
+
+async def test_stats_cache_reports_redis_down() -> None:
+    redis = connect("redis://127.0.0.1:1/0", 0.5)  # nothing listens on port 1
+    cache = StatsCache(SuppressionStore(redis), wait=10)
+    try:
+        assert await cache.get() is None
+        assert cache.error is not None and "scan failed" in cache.error
+        assert not cache.refreshing
+    finally:
+        await cache.close()
+        await redis.aclose()
