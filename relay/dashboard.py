@@ -232,9 +232,10 @@ def _svg_open(frame: Frame, css_class: str, label: str) -> str:
 
 
 def _grid(frame: Frame, top: float, step: float, fmt: str) -> list[str]:
+    """Horizontal grid lines with their values at the left, from 0 to ``top``."""
     parts = []
-    value = 0.0
-    while value <= top + step / 1000:
+    for i in range(round(top / step) + 1):
+        value = i * step
         y = _n(frame.y(value, top))
         text = fmt_pct(value) if fmt == "pct" else fmt_count(value)
         parts.append(
@@ -243,7 +244,6 @@ def _grid(frame: Frame, top: float, step: float, fmt: str) -> list[str]:
             f'<text x="{frame.left - 8}" y="{y}" dy="4" text-anchor="end" '
             f'fill="#5F6368">{text}</text>'
         )
-        value += step
     return parts
 
 
