@@ -245,6 +245,61 @@ class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+BounceKind = Literal["hard", "soft", "policy", "unknown"]
+BOUNCE_KINDS: tuple[BounceKind, ...] = ("hard", "soft", "policy", "unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class BounceThresholds:
+    """Failures of each kind in a row before the address is suppressed (0: never)."""
+
+    hard: int = 1
+    soft: int = 5
+    unknown: int = 3
+    policy: int = 0
+
+    def of(self, kind: BounceKind) -> int:
+        return int(getattr(self, kind))
+
+
+@dataclass(frozen=True, slots=True)
+class BouncesConfig:
+    """Return path (VERP), the inbound listener for bounces and complaints, and the rules."""
+
+    return_path_domain: str | None = None
+    """Set: mail goes upstream with ``MAIL FROM:<local_part+CODE…@return_path_domain>``."""
+    local_part: str = "bounces"
+    listen: HostPort | None = None
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+    feedback_addresses: tuple[str, ...] = ()
+    """More addresses the listener accepts (a feedback-loop address, an old return path)."""
+    keep_days: float = 30.0
+    """How long each inbound message is kept in Redis for audit (and remembered as seen)."""
+    max_message_size: int = 10 * MiB
+    timeout: float = 60.0
+    accept_unsigned: bool = False
+    """Also act on a recipient a report only states (no VERP code, no unsubscribe token)."""
+    thresholds: BounceThresholds = BounceThresholds()
+    classify: tuple[tuple[str, BounceKind], ...] = ()
+    """Overrides of the enhanced-code table: (code prefix, kind), e.g. ("5.4.1", "hard")."""
+
+    def accepted_addresses(self) -> tuple[str, ...]:
+        """Exact addresses the listener takes (``local_part+…`` is matched separately)."""
+        own = (f"{self.local_part}@{self.return_path_domain}",) if self.return_path_domain else ()
+        return own + self.feedback_addresses
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeConfig:
+    mailto_domain: str | None = None
+    """Set: marketing mail also offers ``<mailto:LOCAL@DOMAIN?subject=unsubscribe%20TOKEN>``."""
+    mailto_local_part: str = "unsubscribe"
+
+    @property
+    def mailto_address(self) -> str | None:
+        return f"{self.mailto_local_part}@{self.mailto_domain}" if self.mailto_domain else None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig
@@ -257,6 +312,8 @@ class Config:
     retry: RetryConfig = RetryConfig()
     suppression: SuppressionConfig = SuppressionConfig()
     events: EventsConfig = EventsConfig()
+    bounces: BouncesConfig = BouncesConfig()
+    unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
     log: LogConfig = LogConfig()
     source: Path | None = None
 
@@ -797,6 +854,85 @@ def _read_log(s: _Section) -> LogConfig:
     return cfg
 
 
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")
+_ENHANCED_PREFIX = re.compile(r"^[245](\.\d{1,3}){0,2}$")
+
+
+def _local_part(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not _LOCAL_PART.match(text):
+        raise ConfigError(key, "expected 1-16 characters of A-Z a-z 0-9 . _ - (no +)")
+    return text
+
+
+def _threshold(value: object, key: str) -> int:
+    if value == "never":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ConfigError(key, 'expected an integer 1-1000 or "never"')
+    return value
+
+
+def _read_bounces(s: _Section) -> BouncesConfig:
+    d = BouncesConfig()
+    t = s.section("thresholds")
+    thresholds = BounceThresholds(
+        **{kind: t.get(kind, d.thresholds.of(kind), _threshold) for kind in BOUNCE_KINDS}
+    )
+    t.done()
+    c = s.section("classify")
+    kind_choice = _choice(*BOUNCE_KINDS)
+    classify: list[tuple[str, BounceKind]] = []
+    for code in list(c.raw):
+        key = c.key(str(code))
+        if not isinstance(code, str):
+            raise ConfigError(key, 'quote the code: "5.7" (unquoted, YAML reads a number)')
+        if not _ENHANCED_PREFIX.match(code):
+            raise ConfigError(key, 'expected an RFC 3463 code or prefix such as "5.1.1" or "5.7"')
+        classify.append((code, c.get(code, "unknown", kind_choice)))
+    c.done()
+    feedback = tuple(_address(item, key).lower() for item, key in s.items("feedback_addresses"))
+    cfg = BouncesConfig(
+        return_path_domain=s.get("return_path_domain", None, _domain),
+        local_part=s.get("local_part", d.local_part, _local_part),
+        listen=s.get("listen", None, _host_port),
+        protocol=s.get("protocol", d.protocol, _choice("smtp", "lmtp")),
+        feedback_addresses=feedback,
+        keep_days=s.get("keep_days", d.keep_days, _days),
+        max_message_size=s.get("max_message_size", d.max_message_size, _size),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        accept_unsigned=s.get("accept_unsigned", d.accept_unsigned, _bool),
+        thresholds=thresholds,
+        classify=tuple(classify),
+    )
+    s.done()
+    return cfg
+
+
+def _read_unsubscribe(s: _Section) -> UnsubscribeConfig:
+    cfg = UnsubscribeConfig(
+        mailto_domain=s.get("mailto_domain", None, _domain),
+        mailto_local_part=s.get("mailto_local_part", "unsubscribe", _local_part),
+    )
+    s.done()
+    return cfg
+
+
+def _check_inbound(config: Config) -> None:
+    """The listener needs at least one address to accept mail for (it never relays)."""
+    bounces = config.bounces
+    if bounces.listen is None:
+        return
+    if not (bounces.accepted_addresses() or config.unsubscribe.mailto_domain):
+        raise ConfigError(
+            "bounces.listen",
+            "no address to accept mail for: set bounces.return_path_domain,"
+            " unsubscribe.mailto_domain or bounces.feedback_addresses",
+        )
+    if bounces.listen == config.smtp.listen and bounces.listen.port != 0:
+        raise ConfigError("bounces.listen", "must differ from smtp.listen")
+
+
 def parse_config(raw: object, source: Path | None = None) -> Config:
     """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
     base = source.parent if source is not None else Path.cwd()
@@ -815,10 +951,13 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         retry=_read_retry(top.section("retry")),
         suppression=_read_suppression(top.section("suppression")),
         events=_read_events(top.section("events")),
+        bounces=_read_bounces(top.section("bounces")),
+        unsubscribe=_read_unsubscribe(top.section("unsubscribe")),
         log=_read_log(top.section("log")),
         source=source,
     )
     top.done()
+    _check_inbound(config)
     return config
 
 

@@ -16,7 +16,7 @@ this tree. ``SmtpReply`` is the value the SMTP front end writes to the socket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,8 @@ class SmtpReply:
     code: int
     enhanced: str
     text: str
+    stage: str = field(default="", compare=False)
+    """For an upstream reply, the command it answered (``rcpt``), when that matters."""
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"

@@ -20,11 +20,18 @@ def unsubscribe_url(public_url: str, token: str) -> str:
     return f"{public_url}/u/{token}"
 
 
-def one_click_headers(url: str, group: GroupConfig | None, token: str) -> list[Header]:
-    """``List-Unsubscribe`` (HTTPS first, mailto when the group has one) and ``-Post``."""
+def one_click_headers(
+    url: str, group: GroupConfig | None, token: str, mailto: str | None = None
+) -> list[Header]:
+    """``List-Unsubscribe`` (HTTPS first, then mailto) and ``-Post``.
+
+    The mailto address is the group's own (``policy.groups.*.mailto``), else ``mailto``
+    (``unsubscribe.mailto_domain``); the token goes in the subject either way.
+    """
     uris = [f"<{url}>"]
-    if group is not None and group.mailto:
-        uris.append(f"<mailto:{group.mailto}?subject=unsubscribe%20{token}>")
+    address = group.mailto if group is not None and group.mailto else mailto
+    if address:
+        uris.append(f"<mailto:{address}?subject=unsubscribe%20{token}>")
     fields = [
         Header.build("List-Unsubscribe", ", ".join(uris)),
         Header.build("List-Unsubscribe-Post", ONE_CLICK),

@@ -106,6 +106,31 @@ class Metrics:
             registry=r,
         )
         self.unsubscribe_recent = RecentDurations()
+        self.inbound = Counter(
+            "oneclick_inbound_messages",
+            "Messages to the bounce and unsubscribe addresses (listener or ingest),"
+            " by what they were and what was done.",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.bounces = Counter(
+            "oneclick_bounces",
+            "Final delivery failures counted, by kind and where they were seen.",
+            ["kind", "source"],
+            registry=r,
+        )
+        self.deferrals = Counter(
+            "oneclick_upstream_deferrals",
+            "Temporary refusals of recipients by the upstream, classified (not failures yet).",
+            ["kind"],
+            registry=r,
+        )
+        self.complaints = Counter(
+            "oneclick_complaints",
+            "Spam complaints (ARF feedback reports) attributed, by group.",
+            ["group"],
+            registry=r,
+        )
         self.http_rejected = Counter(
             "oneclick_http_rejected",
             "HTTP unsubscribe requests refused, by status.",

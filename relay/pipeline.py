@@ -25,8 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from relay import headers
+from relay.bounces import Classifier
 from relay.config import Config
 from relay.errors import SmtpError, SmtpReply, StoreUnavailable, TempFail
+from relay.feedback import Attribution, Feedback
 from relay.message import Header, Message, from_address
 from relay.metrics import Metrics
 from relay.model import Envelope, Route, domain_of
@@ -34,9 +36,10 @@ from relay.policy import Policy
 from relay.report import DailyCounters
 from relay.retryqueue import RetryQueue
 from relay.signing import DkimKey, Signer, body_hash
-from relay.suppression import Suppression, SuppressionStore
+from relay.suppression import Lookup, SuppressionStore
 from relay.tokens import TokenCodec
 from relay.upstream import Outbound, Upstream
+from relay.verp import Verp
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 class _Copy:
     recipients: tuple[str, ...]
     data: bytes
+    mail_from: str
 
 
 @dataclass(slots=True)
@@ -76,7 +80,13 @@ class Pipeline:
         metrics: Metrics,
         counters: DailyCounters,
         clock: Callable[[], float] = time.time,
+        verp: Verp | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
+        """``verp``: per-copy return paths; ``feedback``: judge the upstream's refusals."""
+        self._verp = verp
+        self._feedback = feedback
+        self._classifier = Classifier(config.bounces.classify)
         self._config = config
         self._policy = policy
         self._store = store
@@ -115,7 +125,8 @@ class Pipeline:
             trace.route = route
 
         with self._stage("suppression"):
-            blocked = await self._blocked(envelope.rcpt_tos, route)
+            lookup = await self._lookup(envelope.rcpt_tos, route)
+            blocked = lookup.blocked
         kept = tuple(r for r in envelope.rcpt_tos if r not in blocked)
         trace.kept, trace.suppressed = len(kept), len(blocked)
         for rcpt, entry in blocked.items():
@@ -147,22 +158,57 @@ class Pipeline:
                     )
             trace.signed = ",".join(f"{k.selector}/{k.algorithm}" for k in keys) or "unsigned"
             bh = body_hash(base.body) if keys else b""
-            copies = self._copies(base, kept, route, keys, bh)
+            copies = self._copies(base, kept, route, keys, bh, envelope.mail_from, trace.queue_id)
 
         with self._stage("upstream"):
-            trace.replies, deferred = await self._deliver(envelope.mail_from, copies, len(kept))
+            trace.replies, deferred = await self._deliver(copies, len(kept))
+        with self._stage("bounces"):
+            await self._judge(trace, lookup, route)
         return await self._answer(envelope, deferred, trace)
 
-    async def _blocked(self, rcpts: tuple[str, ...], route: Route) -> dict[str, Suppression]:
+    async def _lookup(self, rcpts: tuple[str, ...], route: Route) -> Lookup:
         try:
-            return await self._store.blocked(rcpts, route)
+            return await self._store.lookup(rcpts, route)
         except StoreUnavailable as exc:
             action = self._config.redis.on_error.for_class(route.message_class)
             self._metrics.redis_errors.labels(action).inc()
             log.warning("suppression lookup failed error=%s action=%s", exc, action)
             if action == "tempfail":
                 raise TempFail("4.3.0", "suppression list unavailable, try again later") from None
-            return {}
+            return Lookup({}, {})
+
+    def _return_path(self, mail_from: str, rcpt: str, group: str | None, queue_id: str) -> str:
+        """The copy's envelope sender: a VERP address, unless off or a null reverse path."""
+        if self._verp is None or not mail_from:
+            return mail_from
+        return self._verp.address(rcpt, group, queue_id, self._clock())
+
+    async def _judge(self, trace: Trace, lookup: Lookup, route: Route) -> None:
+        """Successes end failure streaks; the upstream's RCPT refusals are classified.
+
+        A permanent refusal is a final failure, counted like a bounce; a temporary one
+        is only counted as a deferral (the message lives on in the client or the retry
+        queue, whose expiry is the final failure).
+        """
+        delivered = {
+            r: s
+            for r, s in lookup.streaks.items()
+            if r in trace.replies and trace.replies[r].is_success
+        }
+        group = route.group or "-"
+        try:
+            await self._store.note_delivered(delivered, trace.queue_id[:4])
+            for rcpt, reply in trace.replies.items():
+                if reply.stage != "rcpt" or reply.is_success:
+                    continue
+                kind = self._classifier.kind(reply.enhanced)
+                if reply.is_temporary:
+                    self._metrics.deferrals.labels(kind).inc()
+                elif self._feedback is not None:
+                    who = Attribution(rcpt, group, self._clock(), trace.queue_id[:4], "relay")
+                    await self._feedback.failure(who, kind, reply.enhanced, "relay", reply.text)
+        except StoreUnavailable as exc:
+            log.warning("bounce bookkeeping skipped id=%s error=%s", trace.queue_id, exc)
 
     def _modify(self, message: Message, envelope: Envelope, route: Route, queue_id: str) -> Message:
         """Changes shared by every copy: trace, missing defaults, no stale List-* fields."""
@@ -190,17 +236,32 @@ class Pipeline:
         route: Route,
         keys: list[DkimKey],
         bh: bytes,
+        mail_from: str,
+        queue_id: str,
     ) -> Iterator[_Copy]:
-        """The signed copies to send, built one at a time as the delivery workers ask."""
+        """The signed copies to send, built one at a time as the delivery workers ask.
+
+        With VERP on, a copy shared by several recipients (transactional mail, an
+        application's own List-Unsubscribe) is signed once and sent once per recipient,
+        each with its own return path.
+        """
+        shared = None
         if not route.is_marketing:
-            yield _Copy(rcpts, self._sign(base, keys, bh))
-            return
-        if self._keeps_app(base, route):
+            shared = self._sign(base, keys, bh)
+        elif self._keeps_app(base, route):
             fixed = base.replace(
                 remove=("list-unsubscribe-post",),
                 append=[Header.build("List-Unsubscribe-Post", headers.ONE_CLICK)],
             )
-            yield _Copy(rcpts, self._sign(fixed, keys, bh))
+            shared = self._sign(fixed, keys, bh)
+        if shared is not None:
+            if self._verp is None or not mail_from:
+                yield _Copy(rcpts, shared, mail_from)
+                return
+            for rcpt in rcpts:
+                yield _Copy(
+                    (rcpt,), shared, self._return_path(mail_from, rcpt, route.group, queue_id)
+                )
             return
         group_name = route.group or self._policy.config.default_group
         group = self._policy.config.groups.get(group_name)
@@ -209,8 +270,12 @@ class Pipeline:
         for rcpt in rcpts:
             token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
             url = headers.unsubscribe_url(public_url, token)
-            personal = base.replace(prepend=headers.one_click_headers(url, group, token))
-            yield _Copy((rcpt,), self._sign(personal, keys, bh))
+            fields = headers.one_click_headers(
+                url, group, token, self._config.unsubscribe.mailto_address
+            )
+            personal = base.replace(prepend=fields)
+            return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
+            yield _Copy((rcpt,), self._sign(personal, keys, bh), return_path)
 
     def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> bytes:
         if not keys:
@@ -220,24 +285,25 @@ class Pipeline:
         return b"".join(h.raw for h in signatures) + message.to_bytes()
 
     async def _deliver(
-        self, mail_from: str, copies: Iterator[_Copy], recipients: int
-    ) -> tuple[dict[str, SmtpReply], dict[str, bytes]]:
+        self, copies: Iterator[_Copy], recipients: int
+    ) -> tuple[dict[str, SmtpReply], dict[str, _Copy]]:
         """All copies over the pool, at most ``upstream.connections`` at a time.
 
         Copies are built lazily, so a 1,000-recipient newsletter never holds 1,000
         signed copies in memory; only deferred copies are kept, for the retry queue.
-        Answers the reply per recipient and the bytes of each deferred recipient's copy.
+        Answers the reply per recipient and each deferred recipient's copy.
         """
         replies: dict[str, SmtpReply] = {}
-        deferred: dict[str, bytes] = {}
+        deferred: dict[str, _Copy] = {}
 
         async def worker() -> None:
             for copy in copies:
-                result = await self._upstream.send(Outbound(mail_from, copy.recipients, copy.data))
+                out = Outbound(copy.mail_from, copy.recipients, copy.data)
+                result = await self._upstream.send(out)
                 replies.update(result)
                 for rcpt, reply in result.items():
                     if reply.is_temporary:
-                        deferred[rcpt] = copy.data
+                        deferred[rcpt] = copy
 
         workers = min(recipients, self._upstream.connections)
         await asyncio.gather(*(worker() for _ in range(workers)))
@@ -246,7 +312,7 @@ class Pipeline:
         return replies, deferred
 
     async def _answer(
-        self, envelope: Envelope, deferred_data: dict[str, bytes], trace: Trace
+        self, envelope: Envelope, deferred_copies: dict[str, _Copy], trace: Trace
     ) -> SmtpReply:
         replies = trace.replies
         accepted = [r for r, reply in replies.items() if reply.is_success]
@@ -257,9 +323,8 @@ class Pipeline:
         if deferred:
             try:
                 for rcpt in deferred:
-                    await self._retry.put(
-                        envelope.mail_from, rcpt, deferred_data[rcpt], str(replies[rcpt])
-                    )
+                    copy = deferred_copies[rcpt]
+                    await self._retry.put(copy.mail_from, rcpt, copy.data, str(replies[rcpt]))
                     self._metrics.retry.labels("queued").inc()
             except StoreUnavailable:
                 log.error(

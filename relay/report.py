@@ -24,7 +24,15 @@ from relay.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
-METRICS = ("sent", "hard-bounce", "soft-bounce", "policy-bounce", "complaint", "unsubscribe")
+METRICS = (
+    "sent",
+    "hard-bounce",
+    "soft-bounce",
+    "unknown-bounce",
+    "policy-bounce",
+    "complaint",
+    "unsubscribe",
+)
 KEEP_SECONDS = 400 * 86400
 GMAIL_GOAL = 0.001
 GMAIL_LIMIT = 0.003

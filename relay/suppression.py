@@ -68,6 +68,48 @@ return n
 """
 
 
+# A final delivery failure of one kind: first decide whether a copy accepted since the
+# last failure (#bounce-ok "<time>|<msg>") was sent before the failed one -- then the
+# run of failures was broken and every streak restarts -- then count this one.
+# ARGV: counter field, sent time of the failed copy ('' if unknown), its message id.
+_FAILURE_SCRIPT = """
+local ok = redis.call('HGET', KEYS[1], '#bounce-ok')
+if ok and ARGV[2] ~= '' then
+  local t, msg = string.match(ok, '^(%d+)|(.*)$')
+  t = tonumber(t)
+  local sent = tonumber(ARGV[2])
+  if t and (t < sent or (t == sent and msg ~= ARGV[3])) then
+    redis.call('HDEL', KEYS[1], '#bounce-ok', STREAKS)
+  elseif t == sent then
+    redis.call('HDEL', KEYS[1], '#bounce-ok')
+  end
+end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+STREAK_FIELDS = ("#bounce-hard", "#bounce-soft", "#bounce-unknown", "#bounce-policy")
+"""Failures in a row per kind, kept as counters beside the entries of the address."""
+OK_FIELD = "#bounce-ok"
+CONFIRMED_AFTER = 7 * 86400
+"""A copy accepted this long ago with no failure since: the streak is over (longer than
+the usual 5-day queue lifetime, so a late bounce for that copy has arrived by then)."""
+_FAILURE_SCRIPT = _FAILURE_SCRIPT.replace("STREAKS", ", ".join(f"'{f}'" for f in STREAK_FIELDS))
+
+
+@dataclass(frozen=True, slots=True)
+class Streak:
+    """A recipient with failures counted and no success known since."""
+
+    ok_since: int | None
+    """When the first copy accepted after the last failure was relayed (None: none yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    blocked: dict[str, Suppression]
+    streaks: dict[str, Streak]
+    """Recipients (not blocked) with an open failure streak, as given."""
+
+
 class _Default:
     """Marker: use the policy's expiry for the reason."""
 
@@ -155,6 +197,19 @@ def _route_scopes(route: Route) -> tuple[str, ...]:
     return tuple(scopes)
 
 
+_STREAK_KEYS = tuple(f.encode() for f in STREAK_FIELDS)
+_OK_KEY = OK_FIELD.encode()
+
+
+def _ok_time(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.split(b"|", 1)[0])
+    except ValueError:
+        return None
+
+
 def _decode(address: str, field: bytes, value: bytes) -> Suppression | None:
     """One hash field as an entry; counters (``#…``) and damaged fields give None."""
     if field.startswith(b"#"):
@@ -207,6 +262,7 @@ class SuppressionStore:
         self.set_policy(policy or SuppressionPolicy())
         self._add = redis.register_script(_ADD_SCRIPT)
         self._soft = redis.register_script(_SOFT_SCRIPT)
+        self._failure = redis.register_script(_FAILURE_SCRIPT)
 
     def now(self) -> float:
         """The store's clock (injectable, so expiry is tested at its exact boundary)."""
@@ -230,7 +286,11 @@ class SuppressionStore:
         return f"{self._prefix}:patterns"
 
     async def blocked(self, recipients: Sequence[str], route: Route) -> dict[str, Suppression]:
-        """Which recipients this route must not send to, with the entry that blocks each.
+        """Which recipients this route must not send to, with the entry that blocks each."""
+        return (await self.lookup(recipients, route)).blocked
+
+    async def lookup(self, recipients: Sequence[str], route: Route) -> Lookup:
+        """Who is blocked, and who has an open failure streak (a success may end it).
 
         One pipelined round trip for all recipients and the pattern list.
         """
@@ -249,6 +309,7 @@ class SuppressionStore:
             route.is_marketing or self.policy.patterns_block_transactional
         )
         blocked: dict[str, Suppression] = {}
+        streaks: dict[str, Streak] = {}
         for recipient, address, fields in zip(recipients, normalized, results, strict=True):
             for field, value in fields.items():
                 entry = _decode(address, field, value)
@@ -260,7 +321,10 @@ class SuppressionStore:
                     pattern = self._matcher.match(patterns, address)
                     if pattern is not None:
                         blocked[recipient] = Suppression(address, GLOBAL, "pattern", 0, 0, pattern)
-        return blocked
+                        continue
+                if any(f in fields for f in _STREAK_KEYS):
+                    streaks[recipient] = Streak(_ok_time(fields.get(_OK_KEY)))
+        return Lookup(blocked, streaks)
 
     def _ttl(self, reason: str, ttl: float | _Default | None) -> float | None:
         return self.policy.default_ttl(reason) if isinstance(ttl, _Default) else ttl
@@ -374,6 +438,52 @@ class SuppressionStore:
         except RedisError as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
+    async def record_failure(
+        self, address: str, kind: str, sent: float | None = None, message: str = ""
+    ) -> int:
+        """Count a final delivery failure of ``kind``; answers the failures of it in a row.
+
+        ``sent`` and ``message`` name the failed copy: when a copy relayed before it
+        was accepted and did not fail, the earlier streak is over and counting restarts.
+        """
+        field = f"#bounce-{kind}"
+        if field not in STREAK_FIELDS:
+            raise ValueError(f"unknown failure kind {kind!r}")
+        sent_arg = "" if sent is None else str(int(sent))
+        try:
+            return int(
+                await self._failure(
+                    keys=[self.key(normalize_address(address))], args=[field, sent_arg, message]
+                )
+            )
+        except RedisError as exc:
+            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
+
+    async def reset_streak(self, address: str, kind: str) -> None:
+        """Start counting ``kind`` afresh (after the address was suppressed for it)."""
+        await self.counter(address, f"bounce-{kind}", 0)
+
+    async def note_delivered(self, streaks: dict[str, Streak], message: str) -> None:
+        """Accepted copies for recipients with an open streak: one pipelined write, if any.
+
+        The first acceptance is remembered (``HSETNX``); it ends the streak when the
+        next failure is for a later copy, or on its own after ``CONFIRMED_AFTER``.
+        """
+        if not streaks:
+            return
+        now = int(self._clock())
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for recipient, streak in streaks.items():
+                    key = self.key(normalize_address(recipient))
+                    if streak.ok_since is None:
+                        pipe.hsetnx(key, OK_FIELD, f"{now}|{message}")
+                    elif now - streak.ok_since > CONFIRMED_AFTER:
+                        pipe.hdel(key, OK_FIELD, *STREAK_FIELDS)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
+
     async def remove(
         self,
         address: str,
@@ -407,6 +517,8 @@ class SuppressionStore:
                 pipe.hdel(self.key(address), *[f"{e.scope}|{e.reason}" for e in doomed])
                 if any(e.reason == "soft-bounce" for e in doomed):
                     pipe.hdel(self.key(address), "#soft-bounces")
+                if any(e.reason in ("hard-bounce", "soft-bounce") for e in doomed):
+                    pipe.hdel(self.key(address), OK_FIELD, *STREAK_FIELDS)
                 for e in doomed:
                     detail = "forced" if e.reason in PROTECTED_REASONS else ""
                     self._queue_event(pipe, "remove", address, e.scope, e.reason, source, detail)

@@ -42,14 +42,14 @@ class Outbound:
     data: bytes
 
 
-def reply_from(code: int, message: str) -> SmtpReply:
+def reply_from(code: int, message: str, stage: str = "") -> SmtpReply:
     """An upstream reply as ours, keeping its code, enhanced code and reason."""
     m = _ENHANCED.match(message)
     if m and m.group(1) == str(code)[0]:
         enhanced, text = ".".join(m.groups()), message[m.end() :]
     else:
         enhanced, text = f"{str(code)[0]}.0.0", message
-    return SmtpReply(code, enhanced, sanitize_reply_text(f"upstream: {text}"))
+    return SmtpReply(code, enhanced, sanitize_reply_text(f"upstream: {text}"), stage)
 
 
 class _Dropped(Exception):
@@ -147,7 +147,7 @@ class Upstream:
                 try:
                     await client.rcpt(rcpt, encoding=encoding)
                 except aiosmtplib.SMTPRecipientRefused as exc:
-                    replies[rcpt] = reply_from(exc.code, exc.message)
+                    replies[rcpt] = reply_from(exc.code, exc.message, "rcpt")
             accepted = [r for r in out.recipients if r not in replies]
             if not accepted:
                 await _rset(client)
