@@ -26,7 +26,7 @@ from relay.auth import Users
 from relay.config import SmtpConfig
 from relay.errors import SmtpReply
 from relay.metrics import Metrics
-from relay.model import Envelope
+from relay.model import Envelope, address_problem
 from relay.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ _DEFAULT_ENHANCED = {
     554: "5.0.0",
     555: "5.5.4",
 }
-_BAD_ADDRESS_CHARS = frozenset("\r\n\0<>")
 
 
 def with_enhanced_code(status: str) -> str:
@@ -67,6 +66,18 @@ def with_enhanced_code(status: str) -> str:
     code = int(status[:3]) if status[:3].isdigit() else 0
     enhanced = _DEFAULT_ENHANCED.get(code)
     return f"{status[:4]}{enhanced} {status[4:]}" if enhanced else status
+
+
+class _CrlfReader(asyncio.StreamReader):
+    """Command lines end at CRLF only: a bare LF is not a line ending (RFC 5321 2.3.8).
+
+    aiosmtpd reads commands with ``readuntil()`` (LF); a client could then smuggle a
+    second command after a bare LF inside an address. Read to CRLF instead, so the
+    whole line is one (bad) command with one reply.
+    """
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
 
 
 class RelaySMTP(SMTP):
@@ -95,6 +106,7 @@ class RelaySMTP(SMTP):
         )
         self._allowed = config.allowed_networks
         self._metrics = handler.metrics
+        self._stream_reader.__class__ = _CrlfReader  # type: ignore[attr-defined]
         self.trusted = False
         """The client is in allowed_networks; others must authenticate before MAIL."""
 
@@ -190,8 +202,11 @@ class RelayHandler:
     ) -> str:
         if not getattr(server, "trusted", False) and not session.authenticated:
             return "530 5.7.0 authentication required"
-        if _BAD_ADDRESS_CHARS & set(address):
-            return "553 5.1.7 sender address contains forbidden characters"
+        if address != "<>":  # "<>" is the null reverse-path of bounces (RFC 5321 4.5.5)
+            problem = address_problem(address, "SMTPUTF8" in (o.upper() for o in mail_options))
+            if problem is not None:
+                enhanced = "5.6.7" if "SMTPUTF8" in problem else "5.1.7"
+                return f"553 {enhanced} sender rejected: {problem}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -206,11 +221,10 @@ class RelayHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return f"452 4.5.3 too many recipients (at most {self.config.max_recipients})"
-        if _BAD_ADDRESS_CHARS & set(address):
-            return "553 5.1.3 recipient address contains forbidden characters"
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return "553 5.1.3 recipient address must be local@domain"
+        problem = address_problem(address, envelope.smtp_utf8)
+        if problem is not None:
+            enhanced = "5.6.7" if "SMTPUTF8" in problem else "5.1.3"
+            return f"553 {enhanced} recipient rejected: {problem}"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -218,7 +232,7 @@ class RelayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: AioEnvelope) -> str:
         peer = session.peer if isinstance(session.peer, tuple) else ("127.0.0.1", 0)
         message = Envelope(
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=envelope.original_content or b"",
             client=str(peer[0]),

@@ -43,7 +43,12 @@ class Outbound:
 
 
 def reply_from(code: int, message: str, stage: str = "") -> SmtpReply:
-    """An upstream reply as ours, keeping its code, enhanced code and reason."""
+    """An upstream reply as ours, keeping its code, enhanced code and reason.
+
+    A 421 (the upstream closing the connection) becomes 451: our client's
+    connection stays open, only this transaction failed.
+    """
+    code = 451 if code == 421 else code
     m = _ENHANCED.match(message)
     if m and m.group(1) == str(code)[0]:
         enhanced, text = ".".join(m.groups()), message[m.end() :]
@@ -122,6 +127,11 @@ class Upstream:
         client = self._new_client()
         try:
             await client.connect()
+            if not client.supports_esmtp:  # MAIL options (SMTPUTF8, SIZE) depend on EHLO
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
         except aiosmtplib.SMTPResponseException as exc:
             log.warning("upstream refused the connection code=%s", exc.code)
             reply = reply_from(exc.code, exc.message)
