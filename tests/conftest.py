@@ -21,6 +21,13 @@ Fixtures
     edit it, then ``make_relay(config_dict)`` starts a relay on free ports.
 ``relay`` (function)
     A running relay on ``config_dict`` as it is.
+``redis_cluster`` (session) / ``cluster_url`` (function)
+    A real 3-master Redis Cluster (``tests/redis_topologies.py``); ``cluster_url``
+    flushes every node and gives the URL of one.
+``redis_sentinel`` (session) / ``sentinel`` (function)
+    A real master, replica and Sentinel (``mymaster``, quorum 1, 1 s down-after);
+    ``sentinel`` waits until the pair is stable again and flushes it.
+    ``make_sentinel()`` starts a private one for a test that kills a server.
 ``smtp_send`` helper
     ``await smtp_send(port, mail_from, rcpts, data)`` → ``(code, text)``, raising
     nothing on 4xx/5xx so tests can assert the exact reply.
@@ -36,6 +43,7 @@ from typing import Any
 
 import pytest
 from helpers import build_config
+from redis_topologies import ClusterTopology, SentinelTopology, TopologyError
 
 from relay.app import Relay
 from relay.config import DkimKeyConfig
@@ -53,6 +61,60 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         pytest.fail(f"a real Redis server is required for these tests: {exc}", pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    try:
+        cluster = ClusterTopology(tmp_path_factory.mktemp("cluster")).start()
+    except TopologyError as exc:
+        pytest.fail(f"a real Redis Cluster is required for these tests: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: ClusterTopology) -> str:
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+def _start_sentinel(folder: Path) -> SentinelTopology:
+    try:
+        return SentinelTopology(folder).start()
+    except TopologyError as exc:
+        pytest.fail(f"a real Redis Sentinel is required for these tests: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
+    topology = _start_sentinel(tmp_path_factory.mktemp("sentinel"))
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture
+def sentinel(redis_sentinel: SentinelTopology) -> SentinelTopology:
+    try:
+        redis_sentinel.wait_stable(25)  # after a SENTINEL FAILOVER the old master rejoins late
+        redis_sentinel.flush()
+    except TopologyError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return redis_sentinel
+
+
+@pytest.fixture
+def make_sentinel(tmp_path: Path) -> Iterator[Callable[[], SentinelTopology]]:
+    started: list[SentinelTopology] = []
+
+    def factory() -> SentinelTopology:
+        topology = _start_sentinel(tmp_path / f"sentinel-{len(started)}")
+        started.append(topology)
+        return topology
+
+    yield factory
+    for topology in started:
+        topology.stop()
 
 
 @pytest.fixture
