@@ -1,9 +1,10 @@
 """Composition root: builds the store, signer, pipeline and servers, and stops them in order.
 
 Start order: Redis (embedded when ``redis.url`` is omitted) → store and retry
-queue → keys, tokens, policy → upstream pool → pipeline → HTTP → SMTP → retry
-worker. Stop order is the reverse, with SMTP first: stop accepting, let
-in-flight transactions finish (``smtp.drain_timeout``), then close the rest.
+queue → keys, tokens, policy → upstream pool → pipeline → HTTP → inbound
+listener (bounces, complaints, mailto) → SMTP → retry worker. Stop order is the
+reverse, with SMTP first: stop accepting, let in-flight transactions finish
+(``smtp.drain_timeout``), then the inbound listener the same way, then the rest.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from aiohttp import web
 from relay import redis_client, sdnotify
 from relay.admin import AdminApi
 from relay.auth import Users
+from relay.bounces import Classifier
 from relay.config import Config, SmtpTlsConfig, load_config
 from relay.embedded import EmbeddedRedis, EmbeddedRedisError
 from relay.errors import ConfigError
 from relay.events import StreamConsumer, WebhookSender, build_consumers
+from relay.feedback import Feedback, RetryJudge
+from relay.inbound import InboundHandler, Intake, start_listener
 from relay.looplag import LoopLagMonitor
 from relay.metrics import Metrics
 from relay.pipeline import Pipeline
@@ -38,6 +42,7 @@ from relay.suppression import SuppressionPolicy, SuppressionStore
 from relay.tokens import TokenCodec
 from relay.unsubscribe import Unsubscriber
 from relay.upstream import Upstream
+from relay.verp import Verp
 from relay.web import MAX_HEADERS, MAX_LINE, WebApp
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,7 @@ class _Parts:
     tokens: TokenCodec
     signer: Signer
     upstream: Upstream
+    verp: Verp | None
 
 
 def check_files(config: Config) -> None:
@@ -68,6 +74,7 @@ def _build_parts(config: Config) -> _Parts:
         tokens=TokenCodec(config.tokens),
         signer=Signer.from_config(config.dkim),
         upstream=Upstream(config.upstream, local_hostname=config.smtp.hostname),
+        verp=Verp.from_config(config),
     )
 
 
@@ -91,6 +98,10 @@ class Relay:
         self._counters: DailyCounters | None = None
         self._parts: _Parts | None = None
         self.handler: RelayHandler | None = None
+        self.inbound: InboundHandler | None = None
+        self._inbound_server: asyncio.Server | None = None
+        self.inbound_port = 0
+        self._feedback: Feedback | None = None
         self.store: SuppressionStore | None = None
         self.retry: RetryQueue | None = None
         self.retry_worker: RetryWorker | None = None
@@ -132,6 +143,9 @@ class Relay:
         )
         self.retry = RetryQueue(self._redis, config.redis.key_prefix, config.retry)
         self._counters = DailyCounters(self._redis, config.redis.key_prefix)
+        self._feedback = Feedback(
+            self.store, config.bounces.thresholds, self._counters, self.metrics
+        )
         self._parts = parts
         pipeline = self._pipeline(config, parts)
         users = Users.load(config.smtp.auth_users_file) if config.smtp.auth_users_file else None
@@ -172,6 +186,15 @@ class Relay:
         await site.start()
         self.http_port = int(self._web_runner.addresses[0][1])
 
+        if config.bounces.listen is not None:
+            self.inbound = InboundHandler(
+                self._intake(config, parts, unsubscriber), config.bounces.protocol == "lmtp"
+            )
+            self._inbound_server = await start_listener(
+                self.inbound, config.bounces, config.smtp.hostname, reuse_port=self._reuse_port
+            )
+            self.inbound_port = _bound_port(self._inbound_server)
+
         handler = self.handler
         loop = asyncio.get_running_loop()
         implicit = config.smtp.tls is not None and config.smtp.tls.mode == "implicit"
@@ -187,6 +210,7 @@ class Relay:
         self.retry_worker = RetryWorker(
             self.retry, parts.upstream, self.metrics, config.retry.poll_interval
         )
+        self.retry_worker.judge = self._retry_judge(config, parts)
         self._retry_task = loop.create_task(self.retry_worker.run())
         self.loop_lag = LoopLagMonitor(self.metrics)
         self._lag_task = loop.create_task(self.loop_lag.run())
@@ -223,7 +247,25 @@ class Relay:
             retry=self.retry,
             metrics=self.metrics,
             counters=self.counters,
+            verp=parts.verp,
+            feedback=self._feedback,
         )
+
+    def _intake(self, config: Config, parts: _Parts, unsubscriber: Unsubscriber) -> Intake:
+        assert self._redis is not None and self.store is not None and self._feedback is not None
+        return Intake(
+            config=config,
+            redis=self._redis,
+            store=self.store,
+            unsubscriber=unsubscriber,
+            feedback=self._feedback,
+            verp=parts.verp,
+            metrics=self.metrics,
+        )
+
+    def _retry_judge(self, config: Config, parts: _Parts) -> RetryJudge:
+        assert self._feedback is not None
+        return RetryJudge(self._feedback, Classifier(config.bounces.classify), parts.verp)
 
     async def reload(self, config: Config) -> None:
         """Swap in a new config's policy, keys and upstream; listeners stay as they are."""
@@ -236,12 +278,18 @@ class Relay:
         self._parts = parts
         self.config = config
         self.store.set_policy(SuppressionPolicy.from_config(config.suppression))
+        self._feedback = Feedback(
+            self.store, config.bounces.thresholds, self.counters, self.metrics
+        )
         self.handler.pipeline = self._pipeline(config, parts)
         self._web.unsubscriber = Unsubscriber(
             parts.tokens, self.store, config.policy, self.metrics, self.counters
         )
+        if self.inbound is not None:
+            self.inbound.intake = self._intake(config, parts, self._web.unsubscriber)
         if self.retry_worker is not None:
             self.retry_worker.upstream = parts.upstream
+            self.retry_worker.judge = self._retry_judge(config, parts)
         await old.upstream.close()
         log.info(
             "reload done senders=%d dkim_keys=%d",
@@ -256,6 +304,12 @@ class Relay:
             left = await self.handler.drain(self.config.smtp.drain_timeout)
             if left:
                 log.error("shutdown: %d transactions still running were cut", left)
+        if self._inbound_server is not None:
+            self._inbound_server.close()
+        if self.inbound is not None:
+            left = await self.inbound.drain(self.config.smtp.drain_timeout)
+            if left:
+                log.error("shutdown: %d inbound messages still being processed were cut", left)
         if self.retry_worker is not None:
             self.retry_worker.stop()
         if self.loop_lag is not None:

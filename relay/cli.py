@@ -109,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     queue = with_config(sub.add_parser("queue", help="the retry queue"))
     queue.add_argument("action", choices=["list"])
 
+    ingest = with_config(
+        sub.add_parser("ingest", help="process one bounce, complaint or mailto unsubscribe (stdin)")
+    )
+    ingest.add_argument(
+        "--recipient",
+        action="append",
+        default=[],
+        help="envelope recipient, repeatable (Postfix pipe: ${recipient}); else from the headers",
+    )
+    inbound = with_config(sub.add_parser("inbound", help="inbound messages kept for audit"))
+    inbound.add_argument("action", choices=["list", "show"])
+    inbound.add_argument("id", nargs="?", help="the id 'list' prints (for 'show')")
+    inbound.add_argument("--limit", type=int, default=50)
+
     keygen = sub.add_parser("dkim-keygen", help="write a DKIM private key, print its DNS record")
     keygen.add_argument("--domain", required=True)
     keygen.add_argument("--selector", required=True)
@@ -156,10 +170,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from relay.demo import run_demo
 
         return run_async(run_demo(out=args.out, keep_running=args.keep_running))
-    if command in ("suppress", "queue", "events", "report"):
+    if command in ("suppress", "queue", "events", "report", "inbound"):
         from relay import commands
 
         return run_async(commands.run_store_command(args, load_config(args.config)))
+    if command == "ingest":
+        from relay import commands
+
+        config = load_config(args.config)
+        data = sys.stdin.buffer.read(config.bounces.max_message_size + 1)
+        return run_async(commands.ingest(config, data, args.recipient))
     if command == "dkim-keygen":
         from relay.keygen import dkim_keygen
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from relay import redis_client
 from relay.config import Config
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StoreUnavailable
 from relay.redis_client import RedisClient
 from relay.report import daily_report, verdict
 from relay.retryqueue import RetryQueue
@@ -124,9 +124,86 @@ async def run_store_command(args: argparse.Namespace, config: Config) -> int:
             return await _events_tail(redis, config, args.from_start, args.count)
         if args.command == "report":
             return await _report(redis, config, args.days, args.group, args.json)
+        if args.command == "inbound":
+            return await _inbound(redis, config, args.action, args.id, args.limit)
         return await _suppress(args, _store(redis, config))
     finally:
         await redis.aclose()
+
+
+EX_TEMPFAIL = 75
+"""sysexits.h: what an MTA's pipe delivery takes as "defer and retry"."""
+
+
+async def ingest(config: Config, data: bytes, recipients: list[str]) -> int:
+    """One message from an MTA's pipe: the same path as the inbound listener."""
+    from relay.feedback import Feedback
+    from relay.inbound import Intake
+    from relay.metrics import Metrics
+    from relay.report import DailyCounters
+    from relay.tokens import TokenCodec
+    from relay.unsubscribe import Unsubscriber
+    from relay.verp import Verp
+
+    if len(data) > config.bounces.max_message_size:
+        print("error: message larger than bounces.max_message_size", file=sys.stderr)
+        return 1
+    redis = _open_redis(config)
+    try:
+        store = _store(redis, config)
+        metrics = Metrics()
+        counters = DailyCounters(redis, config.redis.key_prefix)
+        unsubscriber = Unsubscriber(
+            TokenCodec(config.tokens), store, config.policy, metrics, counters
+        )
+        intake = Intake(
+            config=config,
+            redis=redis,
+            store=store,
+            unsubscriber=unsubscriber,
+            feedback=Feedback(store, config.bounces.thresholds, counters, metrics),
+            verp=Verp.from_config(config),
+            metrics=metrics,
+        )
+        try:
+            result = await intake.process(data, recipients, "ingest")
+        except StoreUnavailable as exc:
+            print(f"error: {exc}; try again later", file=sys.stderr)
+            return EX_TEMPFAIL
+        await counters.flush()
+        print(f"{result.outcome} id={result.id} kind={result.kind} {result.detail}".rstrip())
+        return 0
+    finally:
+        await redis.aclose()
+
+
+async def _inbound(
+    redis: RedisClient, config: Config, action: str, inbound_id: str | None, limit: int
+) -> int:
+    prefix = config.redis.key_prefix
+    if action == "show":
+        if not inbound_id:
+            print("error: give the id that 'inbound list' prints", file=sys.stderr)
+            return 2
+        data = await redis.hget(f"{prefix}:inbound:{{{inbound_id}}}", "data")
+        if data is None:
+            print(f"{inbound_id}: not kept (unknown, or older than bounces.keep_days)")
+            return 1
+        sys.stdout.buffer.write(cast(bytes, data))
+        sys.stdout.flush()
+        return 0
+    raw_ids = await redis.zrevrange(f"{prefix}:inbound", 0, max(1, limit) - 1)
+    ids = [i.decode() for i in cast(list[bytes], raw_ids)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for inbound in ids:
+            pipe.hmget(f"{prefix}:inbound:{{{inbound}}}", "received", "source", "kind", "outcome")
+        rows = cast(list[list[bytes | None]], await pipe.execute())
+    for inbound, (received, source, kind, outcome) in zip(ids, rows, strict=True):
+        if received is None:
+            continue
+        text = [(v or b"-").decode() for v in (source, kind, outcome)]
+        print("\t".join([inbound, _time(int(received)), *text]))
+    return 0
 
 
 async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:

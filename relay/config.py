@@ -923,11 +923,12 @@ def _check_inbound(config: Config) -> None:
     bounces = config.bounces
     if bounces.listen is None:
         return
-    if not (bounces.accepted_addresses() or config.unsubscribe.mailto_domain):
+    group_mailto = any(g.mailto for g in config.policy.groups.values())
+    if not (bounces.accepted_addresses() or config.unsubscribe.mailto_domain or group_mailto):
         raise ConfigError(
             "bounces.listen",
             "no address to accept mail for: set bounces.return_path_domain,"
-            " unsubscribe.mailto_domain or bounces.feedback_addresses",
+            " bounces.feedback_addresses, unsubscribe.mailto_domain or a group's mailto",
         )
     if bounces.listen == config.smtp.listen and bounces.listen.port != 0:
         raise ConfigError("bounces.listen", "must differ from smtp.listen")

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 _FIELD = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S*)""")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
-QUIET = ("mail.log", "aiosmtpd", "aiohttp.access")
+QUIET = ("mail.log", "aiosmtpd", "aiohttp.access", "flufl.bounce")
 
 
 class JsonFormatter(logging.Formatter):

@@ -19,14 +19,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 from redis.exceptions import RedisError
 
 from relay.config import RetryConfig
-from relay.errors import StoreUnavailable
+from relay.errors import SmtpReply, StoreUnavailable
 from relay.metrics import Metrics
 from relay.redis_client import RedisClient
 from relay.upstream import Outbound, Upstream
@@ -173,6 +173,8 @@ class RetryWorker:
         self._interval = interval
         self._wake = asyncio.Event()
         self._stopped = False
+        self.judge: Callable[[QueuedItem, SmtpReply], Awaitable[None]] | None = None
+        """Told of each final failure (refused, or expired while deferred), to count it."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -204,6 +206,14 @@ class RetryWorker:
         self._metrics.retry_length.set(await self._queue.length())
         return len(items)
 
+    async def _judge(self, item: QueuedItem, reply: SmtpReply) -> None:
+        if self.judge is None:
+            return
+        try:
+            await self.judge(item, reply)
+        except StoreUnavailable as exc:
+            log.warning("retry failure not counted id=%s error=%s", item.id, exc)
+
     async def _deliver(self, item: QueuedItem) -> None:
         replies = await self.upstream.send(Outbound(item.mail_from, (item.rcpt,), item.data))
         reply = replies[item.rcpt]
@@ -216,10 +226,12 @@ class RetryWorker:
             await self._queue.done(item.id)
             self._metrics.retry.labels("refused").inc()
             log.error("retry refused %s text=%r", fields, reply.text)
+            await self._judge(item, reply)
         elif self._queue.expired(item):
             await self._queue.done(item.id)
             self._metrics.retry.labels("expired").inc()
             log.error("retry expired %s text=%r", fields, reply.text)
+            await self._judge(item, reply)
         else:
             await self._queue.defer(item, str(reply))
             self._metrics.retry.labels("deferred").inc()

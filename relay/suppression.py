@@ -463,6 +463,13 @@ class SuppressionStore:
         """Start counting ``kind`` afresh (after the address was suppressed for it)."""
         await self.counter(address, f"bounce-{kind}", 0)
 
+    async def end_streak(self, address: str) -> None:
+        """A delivery is confirmed (a success DSN): every failure streak is over."""
+        try:
+            await self._redis.hdel(self.key(normalize_address(address)), OK_FIELD, *STREAK_FIELDS)
+        except RedisError as exc:
+            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
+
     async def note_delivered(self, streaks: dict[str, Streak], message: str) -> None:
         """Accepted copies for recipients with an open streak: one pipelined write, if any.
 

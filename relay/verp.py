@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from relay.config import TokensConfig
+from relay.config import Config, TokensConfig
 from relay.model import normalize_address
 
 MAX_LOCAL_PART = 64
@@ -107,6 +107,17 @@ class Verp:
             rf"{re.escape(self.domain)}\b",
             re.IGNORECASE,
         )
+
+    @classmethod
+    def from_config(cls, config: Config) -> Verp | None:
+        """The codec for ``bounces.return_path_domain``; None when VERP is off."""
+        domain = config.bounces.return_path_domain
+        if domain is None:
+            return None
+        policy = config.policy
+        groups = {policy.default_group, *policy.groups}
+        groups.update(rule.group for rule in policy.senders if rule.group)
+        return cls(config.tokens, config.bounces.local_part, domain, sorted(groups))
 
     def _tag(self, key: bytes, head: bytes, recipient: str) -> bytes:
         return hmac.new(key, head + recipient.encode("utf-8"), hashlib.sha256).digest()[:_TAG]
