@@ -95,6 +95,7 @@ class Relay:
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._closers: list[WebhookSender] = []
         self._counters_task: asyncio.Task[None] | None = None
+        self._follow_task: asyncio.Task[None] | None = None
         self._counters: DailyCounters | None = None
         self._parts: _Parts | None = None
         self.handler: RelayHandler | None = None
@@ -135,6 +136,10 @@ class Relay:
             log.info("embedded redis started url=%s", self._embedded.url)
         self._redis = redis_client.connect_config(
             config.redis, self._embedded.url if self._embedded else None
+        )
+        await redis_client.prepare(self._redis)
+        self._follow_task = asyncio.get_running_loop().create_task(
+            redis_client.follow_master(self._redis)
         )
         self.store = SuppressionStore(
             self._redis,
@@ -331,8 +336,10 @@ class Relay:
             await self._web_runner.cleanup()
         if self._parts is not None:
             await self._parts.upstream.close()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
         if self._redis is not None:
-            await self._redis.aclose()
+            await redis_client.close(self._redis)
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None

@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from relay import redis_client
 from relay.config import Config
 from relay.errors import ConfigError, StoreUnavailable
 from relay.redis_client import RedisClient
-from relay.report import daily_report, verdict
+from relay.report import DayRow, daily_report, verdict
 from relay.retryqueue import RetryQueue
 from relay.suppression import (
     GLOBAL,
@@ -61,6 +62,19 @@ def check_config(config: Config) -> int:
     print(f"  tokens   issue with {keys[0].id!r}, verify {len(keys)} key(s)")
     for key in config.dkim.keys:
         print(f"  dkim     d={key.domain} s={key.selector}")
+    bounces = config.bounces
+    if bounces.return_path_domain:
+        rp = f"{bounces.local_part}+<code>@{bounces.return_path_domain}"
+        print(f"  bounces  return path {rp} (VERP)")
+    if bounces.listen is not None:
+        t = bounces.thresholds
+        print(
+            f"  bounces  {bounces.protocol} listen {bounces.listen}, thresholds"
+            f" hard={t.hard or 'never'} soft={t.soft or 'never'}"
+            f" unknown={t.unknown or 'never'} policy={t.policy or 'never'}"
+        )
+    if config.unsubscribe.mailto_address:
+        print(f"  mailto   {config.unsubscribe.mailto_address}?subject=unsubscribe%20<token>")
     print("routes (first match wins):")
     for line in policy.describe():
         print(f"  {line}")
@@ -128,7 +142,7 @@ async def run_store_command(args: argparse.Namespace, config: Config) -> int:
             return await _inbound(redis, config, args.action, args.id, args.limit)
         return await _suppress(args, _store(redis, config))
     finally:
-        await redis.aclose()
+        await redis_client.close(redis)
 
 
 EX_TEMPFAIL = 75
@@ -348,20 +362,35 @@ async def _report(
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
     print(
-        f"{'day':<11} {'group':<16} {'sent':>8} {'hard':>6} {'soft':>6} {'policy':>6}"
-        f" {'compl.':>6} {'unsub':>6} {'complaint rate':>15}"
+        f"{'day':<11} {'group':<16} {'sent':>8} {'hard':>6} {'soft':>6} {'unkn.':>6}"
+        f" {'policy':>6} {'compl.':>6} {'unsub':>6} {'complaint rate':>15}"
     )
-    for r in rows:
+    for r in _with_day_totals(rows) if group is None else rows:
         c = r.counts
         print(
             f"{r.day:<11} {r.group:<16} {c.get('sent', 0):>8} {c.get('hard-bounce', 0):>6}"
-            f" {c.get('soft-bounce', 0):>6} {c.get('policy-bounce', 0):>6}"
-            f" {c.get('complaint', 0):>6} {c.get('unsubscribe', 0):>6}"
+            f" {c.get('soft-bounce', 0):>6} {c.get('unknown-bounce', 0):>6}"
+            f" {c.get('policy-bounce', 0):>6} {c.get('complaint', 0):>6}"
+            f" {c.get('unsubscribe', 0):>6}"
             f" {r.complaint_rate:>14.3%} {verdict(r.complaint_rate)}"
         )
     if not rows:
         print(f"no mail counted in the last {days} day(s)")
     return 0
+
+
+def _with_day_totals(rows: list[DayRow]) -> list[DayRow]:
+    """Each day's groups, then an ``(all)`` row: Gmail judges the whole domain's rate."""
+    out: list[DayRow] = []
+    for day in dict.fromkeys(r.day for r in rows):
+        group_rows = [r for r in rows if r.day == day]
+        out.extend(group_rows)
+        if len(group_rows) > 1:
+            total: Counter[str] = Counter()
+            for r in group_rows:
+                total.update(r.counts)
+            out.append(DayRow(day, "(all)", dict(total)))
+    return out
 
 
 async def _queue_list(redis: RedisClient, config: Config) -> int:

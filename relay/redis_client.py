@@ -7,19 +7,27 @@ runs against all three deployments.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TypeAlias
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.config import RedisConfig
 
 RedisClient: TypeAlias = Redis | RedisCluster
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (RedisError, RedisClusterException)
+"""What a Redis call raises when the server cannot answer (the Cluster one is no RedisError)."""
 
 
 def _retry() -> Retry:
@@ -66,3 +74,48 @@ def connect_config(config: RedisConfig, url: str | None = None) -> RedisClient:
             retry=_retry(),
         )
     return connect(target, config.timeout)
+
+
+async def prepare(client: RedisClient) -> None:
+    """Cluster: load the slot map before the first, concurrent, commands.
+
+    A cold redis-py ``RedisCluster`` sends its first commands to the wrong node; after
+    five MOVED replies it closes every node connection, cutting the commands of other
+    tasks in flight.
+    """
+    if isinstance(client, RedisCluster):
+        try:
+            await client.initialize()
+        except RedisError as exc:
+            log.warning("redis cluster not reachable at start error=%s", type(exc).__name__)
+
+
+async def follow_master(client: RedisClient, interval: float = 0.5) -> None:
+    """Sentinel: after a master switch, drop every pooled connection.
+
+    The old master keeps taking writes until the Sentinel demotes it, then loses
+    them; pooled connections would otherwise keep writing there. Runs until
+    cancelled; returns at once for other deployments.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            address = await pool.sentinel_manager.discover_master(pool.service_name)
+        except RedisError:
+            continue
+        if pool.master_address is not None and address != pool.master_address:
+            log.warning("redis master switched to %s:%s", *address)
+            pool.master_address = address
+            await pool.disconnect(inuse_connections=True)
+
+
+async def close(client: RedisClient) -> None:
+    """Close the client, and for Sentinel the connections to the Sentinels too."""
+    await client.aclose()
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()

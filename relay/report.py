@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import cast
 
-from redis.exceptions import RedisError
-
-from relay.redis_client import RedisClient
+from relay.redis_client import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,7 @@ class DailyCounters:
                 for day in {day for day, _, _ in pending}:
                     pipe.expire(self.key(day), KEEP_SECONDS)
                 await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._pending.update(pending)  # keep them for the next flush
             log.warning("daily counters not written (%s); kept in memory", type(exc).__name__)
 

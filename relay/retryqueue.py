@@ -23,12 +23,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
-from redis.exceptions import RedisError
-
 from relay.config import RetryConfig
 from relay.errors import SmtpReply, StoreUnavailable
 from relay.metrics import Metrics
-from relay.redis_client import RedisClient
+from relay.redis_client import REDIS_ERRORS, RedisClient
 from relay.upstream import Outbound, Upstream
 
 log = logging.getLogger(__name__)
@@ -91,7 +89,7 @@ class RetryQueue:
                 )
                 pipe.zadd(self._zset, {item_id: now + self._config.first_delay})
                 await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"retry queue write failed: {type(exc).__name__}") from exc
         return item_id
 
@@ -156,7 +154,7 @@ class RetryQueue:
                 item = await self._load(raw_id.decode(), due=float(score))
                 if item is not None:
                     items.append(item)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"retry queue read failed: {type(exc).__name__}") from exc
         return items
 
@@ -184,7 +182,7 @@ class RetryWorker:
         while not self._stopped:
             try:
                 await self.run_once()
-            except (RedisError, StoreUnavailable) as exc:
+            except (*REDIS_ERRORS, StoreUnavailable) as exc:
                 log.warning("retry queue unavailable error=%s", type(exc).__name__)
             if self._stopped:
                 break

@@ -110,6 +110,14 @@ class RelaySMTP(SMTP):
         self.trusted = False
         """The client is in allowed_networks; others must authenticate before MAIL."""
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parser raises on some garbage (``MAIL FROM:a b@``): call it malformed."""
+        try:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+        except Exception:  # email's header parser raises several undocumented errors
+            return None, None
+        return result
+
     def _peer_allowed(self) -> bool:
         peer = self.session.peer if self.session else None
         if not isinstance(peer, tuple) or not peer:

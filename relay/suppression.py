@@ -30,12 +30,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.exceptions import RedisError
-
 from relay.config import SuppressionConfig
 from relay.errors import StoreUnavailable
 from relay.model import Route, normalize_address
-from relay.redis_client import RedisClient
+from relay.redis_client import REDIS_ERRORS, RedisClient
 
 REASONS = ("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual", "pattern")
 MANUAL_REASONS = ("unsubscribe", "hard-bounce", "complaint", "manual")
@@ -301,7 +299,7 @@ class SuppressionStore:
                     pipe.hgetall(self.key(address))
                 pipe.smembers(self.patterns_key)
                 results = await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression lookup failed: {type(exc).__name__}") from exc
         now = self._clock()
         patterns = self._config_patterns | {p.decode() for p in results.pop()}
@@ -356,7 +354,7 @@ class SuppressionStore:
             )
             if wrote:
                 await self._event("add", address, scope, reason, source, detail)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return bool(wrote)
 
@@ -374,11 +372,9 @@ class SuppressionStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for row in rows:
                     value = self._value(now, self._ttl(row.reason, ttl), source)
-                    await self._add(
-                        keys=[self.key(row.address)],
-                        args=[f"{row.scope}|{row.reason}", value, now],
-                        client=cast(Any, pipe),
-                    )
+                    # EVAL, not the registered script: a Cluster pipeline refuses EVALSHA
+                    field = f"{row.scope}|{row.reason}"
+                    pipe.eval(_ADD_SCRIPT, 1, self.key(row.address), field, value, now)
                 wrote = [bool(w) for w in await pipe.execute()]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for row, new in zip(rows, wrote, strict=True):
@@ -387,7 +383,7 @@ class SuppressionStore:
                             pipe, "add", row.address, row.scope, row.reason, source, ""
                         )
                 await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression import failed: {type(exc).__name__}") from exc
         return wrote
 
@@ -398,7 +394,7 @@ class SuppressionStore:
                 for row in rows:
                     pipe.hget(self.key(row.address), f"{row.scope}|{row.reason}")
                 values = await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression read failed: {type(exc).__name__}") from exc
         now = self._clock()
         return [
@@ -422,7 +418,7 @@ class SuppressionStore:
             await self._event(
                 "add", address, GLOBAL, "soft-bounce", source, f"count={count} {detail}"
             )
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return count
 
@@ -435,7 +431,7 @@ class SuppressionStore:
             return int(
                 await self._redis.hincrby(self.key(normalize_address(address)), f"#{name}", delta)
             )
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def record_failure(
@@ -456,7 +452,7 @@ class SuppressionStore:
                     keys=[self.key(normalize_address(address))], args=[field, sent_arg, message]
                 )
             )
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def reset_streak(self, address: str, kind: str) -> None:
@@ -467,7 +463,7 @@ class SuppressionStore:
         """A delivery is confirmed (a success DSN): every failure streak is over."""
         try:
             await self._redis.hdel(self.key(normalize_address(address)), OK_FIELD, *STREAK_FIELDS)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def note_delivered(self, streaks: dict[str, Streak], message: str) -> None:
@@ -488,7 +484,7 @@ class SuppressionStore:
                     elif now - streak.ok_since > CONFIRMED_AFTER:
                         pipe.hdel(key, OK_FIELD, *STREAK_FIELDS)
                 await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def remove(
@@ -530,7 +526,7 @@ class SuppressionStore:
                     detail = "forced" if e.reason in PROTECTED_REASONS else ""
                     self._queue_event(pipe, "remove", address, e.scope, e.reason, source, detail)
                 await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return doomed
 
@@ -539,7 +535,7 @@ class SuppressionStore:
         address = normalize_address(address)
         try:
             fields = cast(dict[bytes, bytes], await self._redis.hgetall(self.key(address)))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression read failed: {type(exc).__name__}") from exc
         decoded = (_decode(address, f, v) for f, v in fields.items())
         return sorted((e for e in decoded if e is not None), key=lambda e: e.created)
@@ -552,7 +548,7 @@ class SuppressionStore:
     async def patterns(self) -> list[str]:
         try:
             members = cast(set[bytes], await self._redis.smembers(self.patterns_key))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"pattern read failed: {type(exc).__name__}") from exc
         return sorted(m.decode() for m in members)
 
@@ -562,7 +558,7 @@ class SuppressionStore:
             new = bool(await self._redis.sadd(self.patterns_key, pattern))
             if new:
                 await self._event("add", pattern, GLOBAL, "pattern", source, "")
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"pattern write failed: {type(exc).__name__}") from exc
         return new
 
@@ -572,7 +568,7 @@ class SuppressionStore:
             gone = bool(await self._redis.srem(self.patterns_key, pattern))
             if gone:
                 await self._event("remove", pattern, GLOBAL, "pattern", source, "")
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"pattern write failed: {type(exc).__name__}") from exc
         return gone
 
@@ -592,13 +588,13 @@ class SuppressionStore:
                         entry = _decode(address, field, value)
                         if entry is not None:
                             yield entry
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"suppression scan failed: {type(exc).__name__}") from exc
 
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
-        except RedisError:
+        except REDIS_ERRORS:
             return False
 
     def _queue_event(
