@@ -123,3 +123,13 @@ def test_listener_must_not_share_the_relay_port(keys: Keys) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert err.value.key == "bounces.listen"
+
+
+def test_check_config_describes_bounces(keys: Keys, capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.commands import check_config
+
+    assert check_config(parse_config(with_bounces(keys))) == 0
+    out = capsys.readouterr().out
+    assert "bounces  return path rp+<code>@bounce.example.com (VERP)" in out
+    assert "lmtp listen 127.0.0.1:2526, thresholds hard=2 soft=4 unknown=never policy=10" in out
+    assert "mailto   leave@unsub.example.com?subject=unsubscribe%20<token>" in out

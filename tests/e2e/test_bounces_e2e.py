@@ -563,6 +563,7 @@ async def test_ingest_report_and_audit_from_the_command_line(
         await newsletter(brelay, sink, f"reader{n}@example.org")
     hard = await newsletter(brelay, sink, ALICE)
     angry = await newsletter(brelay, sink, "ivan@yahoo.com")
+    await newsletter(brelay, sink, "bob@example.org", sender="receipts@example.com")
     await brelay.counters.flush()
 
     dsn = bounce("postfix-5.1.1-user-unknown.eml", hard.mail_from)
@@ -581,8 +582,12 @@ async def test_ingest_report_and_audit_from_the_command_line(
     [row] = [r for r in json.loads(report.stdout) if r["group"] == "newsletter"]
     assert (row["sent"], row["hard-bounce"], row["complaint"]) == (4, 1, 1)
     assert row["complaint_rate"] == 0.25
-    table = cli("report", "-c", cfg, "--days", "1").stdout.decode()
-    assert "25.000%" in table and "over the 0.3% limit" in table
+    table = cli("report", "-c", cfg, "--days", "1").stdout.decode().splitlines()
+    [news] = [line for line in table if " newsletter " in line]
+    assert "25.000% over the 0.3% limit" in news
+    [total] = [line for line in table if " (all) " in line]
+    assert total.split()[2:4] == ["5", "1"]  # sent, hard
+    assert "20.000% over the 0.3% limit" in total
 
     listing = cli("inbound", "-c", cfg, "list").stdout.decode().splitlines()
     assert len(listing) == 2
@@ -626,3 +631,35 @@ async def test_admin_report_shows_rates(
     assert body["thresholds"] == {"goal": 0.001, "limit": 0.003}
     [row] = body["days"]
     assert (row["sent"], row["hard-bounce"], row["complaint_rate"]) == (1, 1, 0.0)
+
+
+async def test_retry_queue_final_refusal_is_counted(
+    brelay: Relay, sink: Sink, redis_url: str
+) -> None:
+    sink.handler.rcpt_replies["later@example.org"] = "451 4.2.0 try later"
+    code, text = await smtp_send(
+        brelay.smtp_port, "app@example.com", [ALICE, "later@example.org"], message()
+    )
+    assert code == 250 and "queued 1" in text
+    sink.handler.rcpt_replies["later@example.org"] = "550 5.1.1 gone meanwhile"
+    assert brelay.store is not None
+    for _ in range(50):
+        if await brelay.store.entries("later@example.org"):
+            break
+        await asyncio.sleep(0.1)
+    [entry] = await brelay.store.entries("later@example.org")
+    assert (entry.reason, entry.source) == ("hard-bounce", "bounce")
+    assert metric(brelay, 'oneclick_bounces_total{kind="hard",source="retry"} 1.0')
+    assert (await counts(brelay, redis_url))["newsletter"]["hard-bounce"] == 1
+
+
+async def test_redis_down_the_listener_answers_451(
+    make_relay: Any, bounce_config: dict[str, Any]
+) -> None:
+    from relay.embedded import free_port
+
+    bounce_config["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
+    relay = await make_relay(bounce_config)
+    data = (SAMPLES / "postfix-5.1.1-user-unknown.eml").read_bytes()
+    code, text = await deliver(relay, "fbl@example.com", data)
+    assert (code, text[:5]) == (451, "4.3.0")
