@@ -230,7 +230,7 @@ class Relay:
         self._consumer_tasks = [loop.create_task(c.run()) for c in self._consumers]
         self._counters_task = loop.create_task(self.counters.run())
         log.info(
-            "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s",
+            "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s inbound=%s verp=%s",
             config.smtp.listen.host,
             self.smtp_port,
             config.http.listen.host,
@@ -238,6 +238,8 @@ class Relay:
             config.upstream.host,
             config.upstream.port,
             ",".join(parts.signer.domains) or "-",
+            f"{config.bounces.protocol}:{self.inbound_port}" if self.inbound else "-",
+            config.bounces.return_path_domain or "-",
         )
 
     def _pipeline(self, config: Config, parts: _Parts) -> Pipeline:
@@ -278,6 +280,9 @@ class Relay:
         for name in ("smtp", "http", "redis"):
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s settings change only on restart", name)
+        old_inbound = (self.config.bounces.listen, self.config.bounces.protocol)
+        if (config.bounces.listen, config.bounces.protocol) != old_inbound:
+            log.warning("reload: bounces.listen and bounces.protocol change only on restart")
         parts = _build_parts(config)
         old = self._parts
         self._parts = parts

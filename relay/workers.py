@@ -89,6 +89,9 @@ def run_workers(config: Config) -> int:
         smtp=replace(config.smtp, listen=_concrete(config.smtp.listen)),
         http=replace(config.http, listen=_concrete(config.http.listen)),
     )
+    if config.bounces.listen is not None:  # every worker shares the inbound port too
+        bounces = replace(config.bounces, listen=_concrete(config.bounces.listen))
+        config = replace(config, bounces=bounces)
     ctx = multiprocessing.get_context("fork")
     stopping = False
     status = 0

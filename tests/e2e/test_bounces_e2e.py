@@ -663,3 +663,58 @@ async def test_redis_down_the_listener_answers_451(
     data = (SAMPLES / "postfix-5.1.1-user-unknown.eml").read_bytes()
     code, text = await deliver(relay, "fbl@example.com", data)
     assert (code, text[:5]) == (451, "4.3.0")
+
+
+async def test_reload_applies_new_thresholds_to_the_listener(
+    brelay: Relay, sink: Sink, bounce_config: dict[str, Any]
+) -> None:
+    from helpers import build_config
+
+    bounce_config["bounces"]["thresholds"] = {"hard": 2}
+    await brelay.reload(build_config(bounce_config))
+    copy = await newsletter(brelay, sink, ALICE)
+    data = bounce("postfix-5.1.1-user-unknown.eml", copy.mail_from)
+    code, text = await deliver(brelay, copy.mail_from, data)
+    assert (code, text.split(" id=")[0]) == (250, "2.0.0 Ok: processed")
+    assert brelay.store is not None
+    assert await brelay.store.entries(ALICE) == []  # one hard bounce of two
+
+
+async def test_workers_share_the_inbound_port(
+    bounce_config: dict[str, Any], sink: Sink, tmp_path: Path
+) -> None:
+    """``serve`` with two worker processes: port 0 becomes one port both listen on."""
+    import signal
+
+    from relay.embedded import free_port
+
+    smtp = free_port()
+    bounce_config["smtp"].update(listen=f"127.0.0.1:{smtp}", workers=2)
+    bounce_config["http"]["listen"] = f"127.0.0.1:{free_port()}"
+    path = write_yaml(tmp_path / "relay.yaml", bounce_config)
+    log = tmp_path / "relay.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a long-running child, stopped below
+            [sys.executable, "-m", "relay", "serve", "-c", str(path)], stdout=out, stderr=out
+        )
+    try:
+        started: list[str] = []
+        for _ in range(150):
+            started = [line for line in log.read_text().splitlines() if "relay started" in line]
+            if len(started) == 2 or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        ports = {m.group(1) for line in started if (m := re.search(r"inbound=smtp:(\d+)", line))}
+        assert len(started) == 2 and len(ports) == 1, log.read_text()
+        inbound = int(ports.pop())
+        code, _ = await smtp_send(smtp, "app@example.com", [ALICE], message())
+        assert code == 250
+        copy = sink.handler.messages[-1]
+        data = bounce("postfix-5.1.1-user-unknown.eml", copy.mail_from)
+        code, text = await smtp_send(inbound, "", [copy.mail_from], data)
+        assert (code, text.split(" id=")[0]) == (250, "2.0.0 Ok: processed")
+        code, text = await smtp_send(smtp, "app@example.com", [ALICE], message())
+        assert "all 1 recipient(s) suppressed" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
