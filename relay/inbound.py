@@ -62,7 +62,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 _TOKEN_LOCAL = re.compile(r"^[^+@]+\+([A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,})@")
-_FAILURES = ("hard", "soft", "unknown", "policy")
+COMPLAINT_TYPES = frozenset({"abuse", "fraud"})
+"""ARF Feedback-Types that are a person's complaint; not-spam, virus, auth-failure are not."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ class Intake:
                     result = await self._mailto(inbound_id, report, recipients)
                 else:
                     result = await self._bounce(inbound_id, report, recipients)
-            except StoreUnavailable:
+            except Exception:  # Redis went away, or a bug: the sender's retry is processed
                 await self._forget(inbound_id)
                 raise
             await self._note_outcome(inbound_id, result)
@@ -274,6 +275,8 @@ class Intake:
     ) -> Result:
         assert report.complaint is not None
         complaint = report.complaint
+        if complaint.feedback_type not in COMPLAINT_TYPES:  # e.g. DMARC's auth-failure
+            return Result(inbound_id, "complaint", "ignored", f"type={complaint.feedback_type}")
         if claims is not None:
             people = [
                 Attribution(claims.recipient, claims.group, claims.sent, claims.message, "verp")

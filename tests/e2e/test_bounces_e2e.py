@@ -718,3 +718,16 @@ async def test_workers_share_the_inbound_port(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("feedback_type", ["auth-failure", "not-spam", "virus"])
+async def test_feedback_reports_that_are_not_complaints_are_ignored(
+    brelay: Relay, sink: Sink, feedback_type: str
+) -> None:
+    copy = await newsletter(brelay, sink, "ivan@yahoo.com")
+    data = bounce("yahoo-arf-complaint.eml", copy.mail_from, token_of(copy.data))
+    data = data.replace(b"Feedback-Type: abuse", f"Feedback-Type: {feedback_type}".encode())
+    code, text = await deliver(brelay, "fbl@example.com", data)
+    assert (code, text.split(" id=")[0]) == (250, "2.0.0 Ok: ignored")
+    assert brelay.store is not None
+    assert await brelay.store.entries("ivan@yahoo.com") == []
