@@ -29,7 +29,7 @@ from relay.transfer import CachedStats
 SESSION_COOKIE = "ocr_admin"
 SESSION_SECONDS = 12 * 3600
 
-PAGE_HEADERS = {
+PAGE_HEADERS = {  # every HTML or text page the relay serves: nothing cached, framed or sniffed
     "Cache-Control": "no-store",
     "X-Robots-Tag": "noindex, nofollow",
     "Referrer-Policy": "no-referrer",

@@ -44,7 +44,7 @@ from relay.feedback import Attribution, Feedback
 from relay.metrics import Metrics
 from relay.model import normalize_address
 from relay.redis_client import RedisClient
-from relay.smtp import with_enhanced_code
+from relay.smtp import ShieldedTransactions, with_enhanced_code
 from relay.suppression import SuppressionStore
 from relay.tokens import TokenClaims, TokenError
 from relay.unsubscribe import Unsubscriber
@@ -384,13 +384,13 @@ class InboundLMTP(_EnhancedReplies, LMTP):
     pass
 
 
-class InboundHandler:
+class InboundHandler(ShieldedTransactions):
     """aiosmtpd hooks for the listener; an unknown recipient is refused at RCPT."""
 
     def __init__(self, intake: Intake, lmtp: bool) -> None:
         self.intake = intake
         self._lmtp = lmtp
-        self.inflight: set[asyncio.Task[Result]] = set()
+        super().__init__()
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -403,30 +403,16 @@ class InboundHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         rcpts = tuple(envelope.rcpt_tos)
-        task = asyncio.get_running_loop().create_task(
-            self.intake.process(
-                envelope.original_content or b"", rcpts, "lmtp" if self._lmtp else "smtp"
-            )
-        )
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
+        protocol = "lmtp" if self._lmtp else "smtp"
         try:
-            result = await asyncio.shield(task)
+            result = await self.run_shielded(
+                self.intake.process(envelope.original_content or b"", rcpts, protocol)
+            )
         except StoreUnavailable:
             reply = "451 4.3.0 temporary failure, try again later"
         else:
             reply = f"250 2.0.0 Ok: {result.outcome} id={result.id}"
         return "\r\n".join([reply] * len(rcpts)) if self._lmtp else reply
-
-    async def handle_exception(self, error: Exception) -> str:
-        log.exception("inbound session error=%s", type(error).__name__)
-        return "451 4.3.0 internal error, try again later"
-
-    async def drain(self, timeout: float) -> int:
-        if not self.inflight:
-            return 0
-        _, pending = await asyncio.wait(set(self.inflight), timeout=timeout)
-        return len(pending)
 
 
 async def start_listener(

@@ -17,19 +17,20 @@ import ipaddress
 import logging
 import re
 import ssl
-from typing import Any, AnyStr
+from collections.abc import Coroutine
+from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
 from relay.auth import Users
 from relay.config import SmtpConfig
-from relay.errors import SmtpReply
 from relay.metrics import Metrics
 from relay.model import Envelope, address_problem
 from relay.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _DEFAULT_ENHANCED = {
@@ -153,7 +154,35 @@ class RelaySMTP(SMTP):
             await super().push(status)
 
 
-class RelayHandler:
+class ShieldedTransactions:
+    """Each transaction runs as its own task, shielded from the client's connection.
+
+    aiosmtpd cancels the session when the client hangs up; a delivery already under
+    way must still finish (and be counted). Shutdown waits for these tasks.
+    """
+
+    def __init__(self) -> None:
+        self.inflight: set[asyncio.Task[Any]] = set()
+
+    async def run_shielded(self, coro: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        return await asyncio.shield(task)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("%s session error=%s", type(self).__name__, type(error).__name__)
+        return "451 4.3.0 internal error, try again later"
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for in-flight transactions; answers how many were still running after."""
+        if not self.inflight:
+            return 0
+        _, pending = await asyncio.wait(set(self.inflight), timeout=timeout)
+        return len(pending)
+
+
+class RelayHandler(ShieldedTransactions):
     """aiosmtpd hooks; each returns the literal reply line."""
 
     def __init__(
@@ -167,7 +196,7 @@ class RelayHandler:
         self.config = config
         self.metrics = metrics
         self.users = users
-        self.inflight: set[asyncio.Task[SmtpReply]] = set()
+        super().__init__()
 
     async def handle_EHLO(
         self,
@@ -247,19 +276,4 @@ class RelayHandler:
             helo=session.host_name or "",
             mail_options=tuple(envelope.mail_options),
         )
-        task = asyncio.get_running_loop().create_task(self.pipeline.handle(message))
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
-        reply = await asyncio.shield(task)
-        return str(reply)
-
-    async def handle_exception(self, error: Exception) -> str:
-        log.exception("smtp session error=%s", type(error).__name__)
-        return "451 4.3.0 internal error, try again later"
-
-    async def drain(self, timeout: float) -> int:
-        """Wait for in-flight transactions; answers how many were still running after."""
-        if not self.inflight:
-            return 0
-        _, pending = await asyncio.wait(set(self.inflight), timeout=timeout)
-        return len(pending)
+        return str(await self.run_shielded(self.pipeline.handle(message)))

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from relay.admin import AdminApi
 from relay.config import Network
+from relay.dashboard import PAGE_HEADERS
 from relay.errors import StoreUnavailable
 from relay.metrics import Metrics
 from relay.suppression import SuppressionStore
@@ -30,15 +31,6 @@ ONE_CLICK_VALUE = "One-Click"
 MAX_HEADERS = 64
 MAX_LINE = 4096
 
-_SECURITY_HEADERS = {
-    "Cache-Control": "no-store",
-    "X-Robots-Tag": "noindex, nofollow",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
-    ),
-}
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -58,13 +50,11 @@ background:#1a5fb4;color:#fff;cursor:pointer}}
 
 def _page(title: str, body: str, status: int = 200) -> web.Response:
     text = _PAGE.format(title=html.escape(title), body=body)
-    return web.Response(
-        text=text, status=status, content_type="text/html", headers=_SECURITY_HEADERS
-    )
+    return web.Response(text=text, status=status, content_type="text/html", headers=PAGE_HEADERS)
 
 
 def _plain(text: str, status: int = 200) -> web.Response:
-    return web.Response(text=text + "\n", status=status, headers=_SECURITY_HEADERS)
+    return web.Response(text=text + "\n", status=status, headers=PAGE_HEADERS)
 
 
 class WebApp:
