@@ -8,6 +8,9 @@ Fixtures
     need it **fail** with the reason; they never skip.
 ``redis_url`` (function)
     The URL of that server with the database flushed before the test.
+``redis`` / ``clock`` / ``store`` (function)
+    An asyncio client of that server, an injectable ``helpers.Clock``, and a
+    ``SuppressionStore`` on both (prefix ``ocr``) for store-level tests.
 ``keys`` (session)
     A folder with generated DKIM keys (RSA-2048 and Ed25519 for example.com) and
     token secrets ``k1`` and ``k2``; ``keys.dns`` maps DNS names to TXT records
@@ -42,15 +45,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import build_config
+from helpers import Clock, build_config
+from redis.asyncio import Redis
 from redis_topologies import ClusterTopology, SentinelTopology, TopologyError
 
+from relay import redis_client
 from relay.app import Relay
 from relay.config import DkimKeyConfig
 from relay.embedded import EmbeddedRedis, EmbeddedRedisError
 from relay.keygen import dkim_keygen, token_keygen
 from relay.signing import load_key
 from relay.sink import CaptureHandler, start_sink
+from relay.suppression import SuppressionStore
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +131,23 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = redis_client.connect(redis_url, 2)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(redis: Redis, clock: Clock) -> SuppressionStore:
+    return SuppressionStore(redis, "ocr", clock=clock)
 
 
 @dataclass

@@ -69,3 +69,16 @@ def message(
 def write_yaml(path: Path, raw: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+NOW = 1_750_000_000.0
+
+
+class Clock:
+    """An injectable clock: tests move ``now`` instead of sleeping."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -7,13 +7,10 @@ accepted first and bounces later, so an acceptance alone proves nothing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
+from helpers import NOW, Clock
 from redis.asyncio import Redis
-from test_suppression import NOW, Clock
 
-from relay import redis_client
 from relay.config import BounceThresholds
 from relay.feedback import Attribution, Feedback
 from relay.metrics import Metrics
@@ -23,23 +20,6 @@ from relay.suppression import CONFIRMED_AFTER, DAY, GLOBAL, SuppressionStore
 
 ALICE = "alice@example.net"
 NEWSLETTER = Route("marketing", "newsletter", "news@example.com")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = redis_client.connect(redis_url, 1)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(redis: Redis, clock: Clock) -> SuppressionStore:
-    return SuppressionStore(redis, "ocr", clock=clock)
 
 
 async def accepted(store: SuppressionStore, message: str) -> None:

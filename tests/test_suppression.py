@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
+from helpers import NOW, Clock
 from redis.asyncio import Redis
 
-from relay import redis_client
 from relay.model import Route
 from relay.suppression import (
     GLOBAL,
@@ -22,37 +20,11 @@ from relay.suppression import (
     sender_scope,
 )
 
-NOW = 1_750_000_000.0
 ALICE = "alice@example.net"
 
 NEWSLETTER = Route("marketing", "newsletter", "news@example.com")
 PROMOTIONS = Route("marketing", "promotions", "deals@promo.example.com")
 RECEIPTS = Route("transactional", None, "receipts@example.com")
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = redis_client.connect(redis_url, 1)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(redis: Redis, clock: Clock) -> SuppressionStore:
-    return SuppressionStore(redis, "ocr", clock=clock)
 
 
 async def events(redis: Redis) -> list[dict[str, str]]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import date
 
 import pytest
+from helpers import Clock
 from redis.asyncio import Redis
 
-from relay import redis_client
 from relay.config import SuppressionConfig
 from relay.model import Route
 from relay.suppression import (
@@ -26,24 +25,9 @@ MARKETING = Route("marketing", "newsletter", "news@example.com")
 TRANSACTIONAL = Route("transactional", None, "receipts@example.com")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = redis_client.connect(redis_url, 2)
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_800_000_000.0)
 
 
 @pytest.fixture
