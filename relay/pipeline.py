@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 from relay import headers
 from relay.bounces import Classifier
 from relay.config import Config
@@ -97,6 +99,7 @@ class Pipeline:
         self._metrics = metrics
         self._counters = counters
         self._clock = clock
+        self._stages: dict[str, Histogram] = {}
 
     async def handle(self, envelope: Envelope) -> SmtpReply:
         started = time.perf_counter()
@@ -114,7 +117,10 @@ class Pipeline:
         try:
             yield
         finally:
-            self._metrics.stage.labels(name).observe(time.perf_counter() - started)
+            child = self._stages.get(name)
+            if child is None:
+                child = self._stages[name] = self._metrics.stage.labels(name)
+            child.observe(time.perf_counter() - started)
 
     async def _run(self, envelope: Envelope, trace: Trace) -> SmtpReply:
         with self._stage("parse"):
