@@ -10,6 +10,7 @@ reverse, with SMTP first: stop accepting, let in-flight transactions finish
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -375,6 +376,10 @@ async def serve(
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config file (the old one stays if bad)."""
     relay = Relay(config, reuse_port=reuse_port)
     await relay.start()
+    # Everything built so far lives as long as the process: keep it out of the
+    # collector's full passes, which otherwise pause the loop for 15-20 ms.
+    gc.collect()
+    gc.freeze()
     if ready is not None:
         ready(relay)
     loop = asyncio.get_running_loop()

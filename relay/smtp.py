@@ -32,6 +32,7 @@ from relay.pipeline import Pipeline
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_PLAIN_PATH = re.compile(r"^\s*<([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+|)>(.*)$")
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _DEFAULT_ENHANCED = {
     221: "2.0.0",
@@ -112,7 +113,15 @@ class RelaySMTP(SMTP):
         """The client is in allowed_networks; others must authenticate before MAIL."""
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's parser raises on some garbage (``MAIL FROM:a b@``): call it malformed."""
+        """Plain ``<local@domain>`` paths directly; anything else through aiosmtpd's parser.
+
+        aiosmtpd parses every path with the email package's header parser (about a
+        sixth of the relay's CPU per message); the common case needs none of it. Its
+        parser also raises on some garbage (``MAIL FROM:a b@``): that is malformed.
+        """
+        m = _PLAIN_PATH.match(arg)
+        if m is not None:
+            return m.group(1) or "<>", m.group(2)
         try:
             result: tuple[str | None, str | None] = super()._getaddr(arg)
         except Exception:  # email's header parser raises several undocumented errors
