@@ -407,6 +407,15 @@ RCPT_SYNTAX = {
 }
 
 
+def assert_refused(reply: Reply, exact: tuple[int, str] | None) -> None:
+    """The exact reply, or (``None``) any 501/553 with a permanent enhanced code."""
+    if exact is None:
+        assert reply.code in (501, 553), reply
+        assert reply.enhanced is not None and reply.enhanced.startswith("5."), reply
+    else:
+        assert (reply.code, reply.enhanced) == exact, reply
+
+
 @pytest.mark.parametrize("case", RCPT_SYNTAX.keys())
 async def test_rcpt_syntax_error_is_refused_with_enhanced_code(
     relay: Relay, sink: Sink, case: str
@@ -418,11 +427,7 @@ async def test_rcpt_syntax_error_is_refused_with_enhanced_code(
         reply = await client.command(f"MAIL FROM:<{SENDER}> SMTPUTF8")
         assert reply.code == 250, reply
         reply = await client.command(line)
-        if exact is None:
-            assert reply.code in (501, 553), reply
-            assert reply.enhanced is not None and reply.enhanced.startswith("5."), reply
-        else:
-            assert (reply.code, reply.enhanced) == exact, reply
+        assert_refused(reply, exact)
         assert await no_more_replies(client) == []
         data_reply = await client.command("DATA")
         if data_reply.code == 354:  # the bad address was taken: finish so the outcome shows
@@ -458,11 +463,7 @@ async def test_mail_syntax_error_is_refused_with_enhanced_code(
     try:
         await client.command("EHLO client.test")
         reply = await client.command(line)
-        if exact is None:
-            assert reply.code in (501, 553), reply
-            assert reply.enhanced is not None and reply.enhanced.startswith("5."), reply
-        else:
-            assert (reply.code, reply.enhanced) == exact, reply
+        assert_refused(reply, exact)
         assert await no_more_replies(client) == []
         refused = await client.command(f"RCPT TO:<{RCPT}>")
         if refused.code == 250:  # the bad sender was taken: finish so the outcome shows

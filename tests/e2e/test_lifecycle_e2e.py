@@ -55,6 +55,17 @@ async def serve(config: dict[str, Any], tmp_path: Path, workers: int = 1) -> Ser
     raise AssertionError(f"relay did not start:\n{log.read_text()}")
 
 
+def serve_until_exit(config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``serve`` on ``config`` expecting it to refuse to start."""
+    path = write_yaml(tmp_path / "refused.yaml", config)
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 async def wait_exit(proc: subprocess.Popen[str], timeout: float = 20) -> int:
     for _ in range(int(timeout * 10)):
         code = proc.poll()
@@ -120,13 +131,7 @@ def test_bad_config_at_start_exits_2_naming_the_key(
     config_dict: dict[str, Any], tmp_path: Path
 ) -> None:
     config_dict["upstream"]["port"] = 70000
-    path = write_yaml(tmp_path / "bad.yaml", config_dict)
-    done = subprocess.run(
-        [sys.executable, "-m", "relay", "serve", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = serve_until_exit(config_dict, tmp_path)
     assert done.returncode == 2
     assert "upstream.port: expected an integer 1-65535" in done.stderr
     assert "Traceback" not in done.stderr
@@ -173,12 +178,6 @@ def test_worker_config_error_exits_2_without_restart_loop(
     config_dict["smtp"]["workers"] = 2
     config_dict["smtp"]["listen"] = f"127.0.0.1:{free_port()}"
     config_dict["http"]["listen"] = f"127.0.0.1:{free_port()}"
-    path = write_yaml(tmp_path / "relay.yaml", config_dict)
-    done = subprocess.run(
-        [sys.executable, "-m", "relay", "serve", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = serve_until_exit(config_dict, tmp_path)
     assert done.returncode == 2
     assert "dkim[0].private_key_file" in done.stderr
