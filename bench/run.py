@@ -58,9 +58,9 @@ from mta import (  # noqa: E402
     stop_process,
 )
 
-from relay.embedded import EmbeddedRedis, free_port  # noqa: E402
-from relay.keygen import dkim_keygen, token_keygen  # noqa: E402
-from relay.suppression import SuppressionStore, group_scope  # noqa: E402
+from relay.cli.keygen import dkim_keygen, token_keygen  # noqa: E402
+from relay.store.embedded import EmbeddedRedis, free_port  # noqa: E402
+from relay.suppression.store import SuppressionStore, group_scope  # noqa: E402
 
 RSA_FROM = "news@rsa.bench.test"
 ED_FROM = "news@ed.bench.test"

@@ -21,10 +21,10 @@ import subprocess
 import sys
 import time
 
-from relay import redis_client
-from relay.embedded import EmbeddedRedis
 from relay.model import Route
-from relay.suppression import SuppressionStore
+from relay.store import client as redis_client
+from relay.store.embedded import EmbeddedRedis
+from relay.suppression.store import SuppressionStore
 
 ROUTE = Route("marketing", "newsletter", "news@example.com")
 

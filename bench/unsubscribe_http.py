@@ -24,11 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from relay.app import Relay
+from relay.cli.keygen import token_keygen
 from relay.config import load_config
-from relay.embedded import free_port
-from relay.keygen import token_keygen
-from relay.tokens import TokenCodec
+from relay.mail.tokens import TokenCodec
+from relay.runtime.app import Relay
+from relay.store.embedded import free_port
 
 LUA = """
 local paths = {}

@@ -49,14 +49,14 @@ from helpers import Clock, build_config
 from redis.asyncio import Redis
 from redis_topologies import ClusterTopology, SentinelTopology, TopologyError
 
-from relay import redis_client
-from relay.app import Relay
+from relay.cli.keygen import dkim_keygen, token_keygen
+from relay.cli.sink import CaptureHandler, start_sink
 from relay.config import DkimKeyConfig
-from relay.embedded import EmbeddedRedis, EmbeddedRedisError
-from relay.keygen import dkim_keygen, token_keygen
-from relay.signing import load_key
-from relay.sink import CaptureHandler, start_sink
-from relay.suppression import SuppressionStore
+from relay.mail.dkim import load_key
+from relay.runtime.app import Relay
+from relay.store import client as redis_client
+from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError
+from relay.suppression.store import SuppressionStore
 
 
 @pytest.fixture(scope="session")

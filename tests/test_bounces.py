@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import DATA
 
-from relay.bounces import Classifier, enhanced_code, parse, status_of, token_in_subject
+from relay.feedback.bounces import Classifier, enhanced_code, parse, status_of, token_in_subject
 
 SAMPLES = DATA / "bounces"
 

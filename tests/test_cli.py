@@ -16,13 +16,13 @@ import pytest
 import redis
 from helpers import message, write_yaml
 
-from relay import redis_client
 from relay.config import DkimKeyConfig, RetryConfig, parse_config
-from relay.embedded import free_port
-from relay.message import Message
-from relay.retryqueue import RetryQueue
-from relay.signing import Signer, body_hash, load_key
-from relay.tokens import TokenCodec
+from relay.mail.dkim import Signer, body_hash, load_key
+from relay.mail.message import Message
+from relay.mail.tokens import TokenCodec
+from relay.outbound.retry import RetryQueue
+from relay.store import client as redis_client
+from relay.store.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -126,7 +126,7 @@ def test_listener_must_not_share_the_relay_port(keys: Keys) -> None:
 
 
 def test_check_config_describes_bounces(keys: Keys, capsys: pytest.CaptureFixture[str]) -> None:
-    from relay.commands import check_config
+    from relay.cli.commands import check_config
 
     assert check_config(parse_config(with_bounces(keys))) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from relay.dashboard import (
+from relay.http.dashboard import (
     GMAIL_THRESHOLDS,
     DashboardData,
     Latency,
@@ -28,8 +28,8 @@ from relay.dashboard import (
     unsubscribes_by_group,
 )
 from relay.metrics import RecentDurations
-from relay.report import DayRow
-from relay.transfer import CachedStats, Stats
+from relay.suppression.report import DayRow
+from relay.suppression.transfer import CachedStats, Stats
 
 SVG = "{http://www.w3.org/2000/svg}"
 DAYS = day_range(date(2026, 3, 14), 7)

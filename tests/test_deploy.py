@@ -28,7 +28,7 @@ from conftest import Sink
 from helpers import message, smtp_send, write_yaml
 
 from relay.config import SmtpConfig
-from relay.embedded import EmbeddedRedis, free_port
+from relay.store.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "oneclick-relay.service"

@@ -12,11 +12,11 @@ from helpers import NOW, Clock
 from redis.asyncio import Redis
 
 from relay.config import BounceThresholds
-from relay.feedback import Attribution, Feedback
+from relay.feedback.record import Attribution, Feedback
 from relay.metrics import Metrics
 from relay.model import Route
-from relay.report import DailyCounters
-from relay.suppression import CONFIRMED_AFTER, DAY, GLOBAL, SuppressionStore
+from relay.suppression.report import DailyCounters
+from relay.suppression.store import CONFIRMED_AFTER, DAY, GLOBAL, SuppressionStore
 
 ALICE = "alice@example.net"
 NEWSLETTER = Route("marketing", "newsletter", "news@example.com")
@@ -144,7 +144,7 @@ async def test_complaint_is_permanent_and_protected(
     assert not await feedback.complaint(Attribution(ALICE, "newsletter"), "arf")
     [entry] = await store.entries(ALICE)
     assert (entry.reason, entry.expires) == ("complaint", 0)
-    from relay.suppression import ProtectedEntry
+    from relay.suppression.store import ProtectedEntry
 
     with pytest.raises(ProtectedEntry):
         await store.remove(ALICE)

@@ -40,11 +40,11 @@ from hypothesis import strategies as st
 from rawsmtp import ProtocolError, RawSMTP, Reply
 from yarl import URL
 
-from relay.app import Relay
 from relay.errors import SmtpError
-from relay.message import Message, from_address, normalize_line_endings
-from relay.suppression import group_scope
-from relay.tokens import TokenCodec
+from relay.mail.message import Message, from_address, normalize_line_endings
+from relay.mail.tokens import TokenCodec
+from relay.runtime.app import Relay
+from relay.suppression.store import group_scope
 
 PERL_VERIFIER = Path(__file__).parent / "tools" / "dkim_verify.pl"
 NETWORK = settings(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
-from relay.logs import JsonFormatter
+from relay.runtime.logs import JsonFormatter
 
 
 def record(message: str, *args: object) -> logging.LogRecord:
-    return logging.LogRecord("relay.pipeline", logging.INFO, __file__, 1, message, args, None)
+    return logging.LogRecord(
+        "relay.outbound.pipeline", logging.INFO, __file__, 1, message, args, None
+    )
 
 
 def test_message_line_becomes_fields() -> None:
@@ -28,7 +30,7 @@ def test_message_line_becomes_fields() -> None:
     data = json.loads(line)
     assert data["event"] == "message"
     assert data["level"] == "info"
-    assert data["logger"] == "relay.pipeline"
+    assert data["logger"] == "relay.outbound.pipeline"
     assert (data["id"], data["class"], data["reply"], data["enhanced"]) == (
         "ABC123",
         "marketing",

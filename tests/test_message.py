@@ -7,7 +7,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import PermFail
-from relay.message import (
+from relay.mail.address import domain_of, normalize_address
+from relay.mail.message import (
     MAX_HEADER_BLOCK,
     MAX_LINE,
     Header,
@@ -17,7 +18,6 @@ from relay.message import (
     from_address,
     normalize_line_endings,
 )
-from relay.model import domain_of, normalize_address
 
 SAMPLE = (
     b"From: Example News <news@example.com>\r\n"

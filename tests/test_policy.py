@@ -8,7 +8,7 @@ import pytest
 
 from relay.config import PolicyConfig, SenderRule, parse_config
 from relay.model import Route
-from relay.policy import Policy
+from relay.outbound.policy import Policy
 
 
 def rule(

@@ -18,8 +18,8 @@ from helpers import message, write_yaml
 
 from relay.config import DkimConfig, DkimKeyConfig, load_config
 from relay.errors import ConfigError
-from relay.message import Header, Message
-from relay.signing import OVERSIGNED, DkimKey, Signer, body_hash, load_key
+from relay.mail.dkim import OVERSIGNED, DkimKey, Signer, body_hash, load_key
+from relay.mail.message import Header, Message
 
 PERL_TOOL = Path(__file__).parent / "tools" / "dkim_verify.pl"
 PERL_HINT = (

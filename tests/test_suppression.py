@@ -7,7 +7,7 @@ from helpers import NOW, Clock
 from redis.asyncio import Redis
 
 from relay.model import Route
-from relay.suppression import (
+from relay.suppression.store import (
     GLOBAL,
     HARD_REASONS,
     REASONS,

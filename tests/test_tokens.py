@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.config import Secret, TokenKey, TokensConfig
-from relay.tokens import (
+from relay.mail.tokens import (
     ExpiredToken,
     MalformedToken,
     TokenClaims,

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from relay.config import SuppressionConfig
 from relay.model import Route
-from relay.suppression import (
+from relay.suppression.store import (
     DAY,
     GLOBAL,
     ImportRow,
@@ -19,7 +19,7 @@ from relay.suppression import (
     SuppressionStore,
     group_scope,
 )
-from relay.transfer import ExportFilter, export_csv, import_lines, stats
+from relay.suppression.transfer import ExportFilter, export_csv, import_lines, stats
 
 MARKETING = Route("marketing", "newsletter", "news@example.com")
 TRANSACTIONAL = Route("transactional", None, "receipts@example.com")

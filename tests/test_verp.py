@@ -6,7 +6,7 @@ import pytest
 from conftest import Keys
 
 from relay.config import Secret, TokenKey, TokensConfig
-from relay.verp import MAX_LOCAL_PART, ForgedCode, Verp
+from relay.mail.verp import MAX_LOCAL_PART, ForgedCode, Verp
 
 SENT = 1_747_045_881
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import Sink
 from helpers import message, smtp_send
 
-from relay.admin import OPENAPI
-from relay.app import Relay
+from relay.http.admin import OPENAPI
+from relay.runtime.app import Relay
 
 TOKEN = "s3cret-admin-token-0123456789"
 

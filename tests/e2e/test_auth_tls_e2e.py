@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from helpers import message
 
-from relay.app import Relay
+from relay.runtime.app import Relay
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:

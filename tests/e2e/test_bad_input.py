@@ -31,7 +31,7 @@ from helpers import smtp_send
 from prometheus_client.parser import text_string_to_metric_families
 from rawsmtp import RawSMTP, Reply
 
-from relay.app import Relay
+from relay.runtime.app import Relay
 
 MakeRelay = Callable[[dict[str, Any]], Awaitable[Relay]]
 

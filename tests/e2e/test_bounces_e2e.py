@@ -22,9 +22,9 @@ import redis.asyncio as aioredis
 from conftest import Sink
 from helpers import DATA, message, smtp_send, write_yaml
 
-from relay.app import Relay
-from relay.report import daily_report
-from relay.suppression import DAY, GLOBAL
+from relay.runtime.app import Relay
+from relay.suppression.report import daily_report
+from relay.suppression.store import DAY, GLOBAL
 
 SAMPLES = DATA / "bounces"
 ROOT = Path(__file__).resolve().parents[2]
@@ -602,7 +602,7 @@ async def test_ingest_report_and_audit_from_the_command_line(
 async def test_ingest_with_redis_down_asks_the_mta_to_retry(
     bounce_config: dict[str, Any], tmp_path: Path
 ) -> None:
-    from relay.embedded import free_port
+    from relay.store.embedded import free_port
 
     bounce_config["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
     cfg = str(write_yaml(tmp_path / "relay.yaml", bounce_config))
@@ -656,7 +656,7 @@ async def test_retry_queue_final_refusal_is_counted(
 async def test_redis_down_the_listener_answers_451(
     make_relay: Any, bounce_config: dict[str, Any]
 ) -> None:
-    from relay.embedded import free_port
+    from relay.store.embedded import free_port
 
     bounce_config["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
     relay = await make_relay(bounce_config)
@@ -686,7 +686,7 @@ async def test_workers_share_the_inbound_port(
     """``serve`` with two worker processes: port 0 becomes one port both listen on."""
     import signal
 
-    from relay.embedded import free_port
+    from relay.store.embedded import free_port
 
     smtp = free_port()
     bounce_config["smtp"].update(listen=f"127.0.0.1:{smtp}", workers=2)

@@ -30,18 +30,12 @@ from aiohttp import web
 from conftest import Sink
 from helpers import message, smtp_send
 
-from relay.app import Relay
-from relay.dashboard import SESSION_COOKIE
-from relay.redis_client import connect
-from relay.report import DailyCounters
-from relay.suppression import (
-    GLOBAL,
-    ImportRow,
-    SuppressionStore,
-    group_scope,
-    sender_scope,
-)
-from relay.transfer import StatsCache
+from relay.http.dashboard import SESSION_COOKIE
+from relay.runtime.app import Relay
+from relay.store.client import connect
+from relay.suppression.report import DailyCounters
+from relay.suppression.store import GLOBAL, ImportRow, SuppressionStore, group_scope, sender_scope
+from relay.suppression.transfer import StatsCache
 
 TOKEN = "dashboard-admin-token-0123456789"
 SVG = "{http://www.w3.org/2000/svg}"

@@ -16,8 +16,8 @@ from aiohttp import web
 from conftest import Sink
 from helpers import message, smtp_send
 
-from relay.app import Relay
-from relay.embedded import free_port
+from relay.runtime.app import Relay
+from relay.store.embedded import free_port
 
 SECRET = b"webhook-secret-0123456789abcdef"
 

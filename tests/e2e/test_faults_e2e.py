@@ -13,9 +13,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import Keys, Sink
 from helpers import message, smtp_send
 
-from relay.app import Relay
-from relay.embedded import EmbeddedRedis
-from relay.sink import CaptureHandler
+from relay.cli.sink import CaptureHandler
+from relay.runtime.app import Relay
+from relay.store.embedded import EmbeddedRedis
 
 
 class DroppingHandler(CaptureHandler):

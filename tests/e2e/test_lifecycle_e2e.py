@@ -16,7 +16,7 @@ import pytest
 from conftest import Sink
 from helpers import message, smtp_send, write_yaml
 
-from relay.embedded import free_port
+from relay.store.embedded import free_port
 
 
 class Served:

@@ -24,9 +24,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis_topologies import ClusterTopology
 
-from relay import transfer
-from relay.app import Relay
-from relay.suppression import GLOBAL, SuppressionStore, group_scope, sender_scope
+from relay.runtime.app import Relay
+from relay.suppression import transfer
+from relay.suppression.store import GLOBAL, SuppressionStore, group_scope, sender_scope
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE, BOB, CAROL, DAN = (

@@ -24,8 +24,8 @@ from helpers import build_config, message, smtp_send
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis_topologies import MASTER_NAME, SentinelTopology, client
 
-from relay.app import Relay
-from relay.suppression import GLOBAL, SuppressionStore, group_scope
+from relay.runtime.app import Relay
+from relay.suppression.store import GLOBAL, SuppressionStore, group_scope
 
 ALICE, BOB = "alice@example.net", "bob@example.org"
 UNSUBSCRIBED = [f"unsub{i}@example.net" for i in range(3)]

@@ -12,8 +12,8 @@ import pytest
 from conftest import Keys, Sink
 from helpers import message, smtp_send
 
-from relay.app import Relay
-from relay.suppression import GLOBAL, group_scope, sender_scope
+from relay.runtime.app import Relay
+from relay.suppression.store import GLOBAL, group_scope, sender_scope
 
 
 def header(data: bytes, name: str) -> list[str]:
@@ -301,7 +301,7 @@ async def test_ehlo_advertises_pipelining_and_enhanced_codes(relay: Relay) -> No
 async def test_redis_down_marketing_tempfails_transactional_delivers(
     make_relay: Any, config_dict: dict[str, Any], sink: Sink
 ) -> None:
-    from relay.embedded import free_port
+    from relay.store.embedded import free_port
 
     config_dict["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
     relay = await make_relay(config_dict)

@@ -41,9 +41,9 @@ import pytest
 import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.app import Relay
-from relay.embedded import EmbeddedRedis
-from relay.sink import CaptureHandler
+from relay.cli.sink import CaptureHandler
+from relay.runtime.app import Relay
+from relay.store.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import redis.asyncio as aioredis
 from conftest import Keys, Sink
 from helpers import build_config, message, smtp_send
 
-from relay.app import Relay
 from relay.config import Secret, TokenKey, TokensConfig
-from relay.tokens import TokenCodec
+from relay.mail.tokens import TokenCodec
+from relay.runtime.app import Relay
 
 ALICE, BOB = "alice@example.net", "bob@example.org"
 

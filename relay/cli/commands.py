@@ -1,0 +1,398 @@
+"""What the operator commands do (``check-config``, ``suppress``, ``events``, ``queue``).
+
+``cli.py`` parses arguments; these functions talk to the config, Redis and the
+terminal, and return the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from relay.config import Config
+from relay.errors import ConfigError, StoreUnavailable
+from relay.outbound.retry import RetryQueue
+from relay.store import client as redis_client
+from relay.store.client import RedisClient
+from relay.store.inbound import InboundLog
+from relay.store.keys import Keys
+from relay.suppression.report import DayRow, daily_report, verdict
+from relay.suppression.store import (
+    GLOBAL,
+    ProtectedEntry,
+    Suppression,
+    SuppressionPolicy,
+    SuppressionStore,
+    describe_scope,
+    parse_scope,
+)
+from relay.suppression.transfer import ExportFilter, export_csv, import_lines, stats
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def check_config(config: Config) -> int:
+    from relay.mail.dkim import Signer
+    from relay.outbound.policy import Policy
+
+    signer = Signer.from_config(config.dkim)
+    policy = Policy(config.policy)
+    smtp, up, http = config.smtp, config.upstream, config.http
+    print(f"config OK: {config.source}")
+    print(f"  smtp     listen {smtp.listen}, {len(smtp.allowed_networks)} allowed network(s)")
+    print(f"  upstream {up.host}:{up.port} tls={up.tls} connections={up.connections}")
+    print(f"  http     listen {http.listen}, links {http.public_url}/u/<token>")
+    print(f"  redis    {redact_url(config.redis.url) if config.redis.url else 'embedded'}")
+    keys = config.tokens.keys
+    print(f"  tokens   issue with {keys[0].id!r}, verify {len(keys)} key(s)")
+    for key in config.dkim.keys:
+        print(f"  dkim     d={key.domain} s={key.selector}")
+    bounces = config.bounces
+    if bounces.return_path_domain:
+        rp = f"{bounces.local_part}+<code>@{bounces.return_path_domain}"
+        print(f"  bounces  return path {rp} (VERP)")
+    if bounces.listen is not None:
+        t = bounces.thresholds
+        print(
+            f"  bounces  {bounces.protocol} listen {bounces.listen}, thresholds"
+            f" hard={t.hard or 'never'} soft={t.soft or 'never'}"
+            f" unknown={t.unknown or 'never'} policy={t.policy or 'never'}"
+        )
+    if config.unsubscribe.mailto_address:
+        print(f"  mailto   {config.unsubscribe.mailto_address}?subject=unsubscribe%20<token>")
+    print("routes (first match wins):")
+    for line in policy.describe():
+        print(f"  {line}")
+    for rule in config.policy.senders:
+        domain = rule.match.rpartition("@")[2]
+        if rule.message_class != "marketing" or any(ch in domain for ch in "*?["):
+            continue
+        if not signer.keys_for(domain):
+            print(
+                f"WARNING: marketing sender {rule.match!r} has no DKIM key for {domain}:"
+                " mailbox providers will not offer one-click unsubscribe",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _time(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp)) if timestamp else "never"
+
+
+def entry_line(e: Suppression, now: float) -> str:
+    state = "live" if e.live(now) else "expired"
+    return (
+        f"{e.address}\t{describe_scope(e.scope)}\t{e.reason}\tcreated={_time(e.created)}"
+        f"\texpires={_time(e.expires)}\tsource={e.source}\t{state}"
+    )
+
+
+def _open_redis(config: Config) -> RedisClient:
+    if not config.redis.url and config.redis.sentinel is None:
+        raise ConfigError("redis.url", "the CLI needs a shared Redis (the embedded one is private)")
+    return redis_client.connect_config(config.redis)
+
+
+def _store(redis: RedisClient, config: Config) -> SuppressionStore:
+    return SuppressionStore(
+        redis, config.redis.key_prefix, policy=SuppressionPolicy.from_config(config.suppression)
+    )
+
+
+def _scope_or_none(args: argparse.Namespace) -> str | None:
+    group, sender = getattr(args, "group", None), getattr(args, "sender", None)
+    return parse_scope(group, sender) if group or sender else None
+
+
+@contextmanager
+def _output(path: Path | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+    else:
+        with path.open("w", encoding="utf-8", newline="") as f:
+            yield f
+
+
+async def run_store_command(args: argparse.Namespace, config: Config) -> int:
+    redis = _open_redis(config)
+    try:
+        if args.command == "queue":
+            return await _queue_list(redis, config)
+        if args.command == "events":
+            return await _events_tail(redis, config, args.from_start, args.count)
+        if args.command == "report":
+            return await _report(redis, config, args.days, args.group, args.json)
+        if args.command == "inbound":
+            return await _inbound(redis, config, args.action, args.id, args.limit)
+        return await _suppress(args, _store(redis, config))
+    finally:
+        await redis_client.close(redis)
+
+
+EX_TEMPFAIL = 75
+"""sysexits.h: what an MTA's pipe delivery takes as "defer and retry"."""
+
+
+async def ingest(config: Config, data: bytes, recipients: list[str]) -> int:
+    """One message from an MTA's pipe: the same path as the inbound listener."""
+    from relay.feedback.intake import Intake
+    from relay.feedback.record import Feedback
+    from relay.mail.tokens import TokenCodec
+    from relay.mail.verp import Verp
+    from relay.metrics import Metrics
+    from relay.suppression.report import DailyCounters
+    from relay.suppression.unsubscribe import Unsubscriber
+
+    if len(data) > config.bounces.max_message_size:
+        print("error: message larger than bounces.max_message_size", file=sys.stderr)
+        return 1
+    redis = _open_redis(config)
+    try:
+        store = _store(redis, config)
+        metrics = Metrics()
+        counters = DailyCounters(redis, config.redis.key_prefix)
+        unsubscriber = Unsubscriber(
+            TokenCodec(config.tokens), store, config.policy, metrics, counters
+        )
+        intake = Intake(
+            config=config,
+            records=InboundLog(redis, Keys(config.redis.key_prefix)),
+            store=store,
+            unsubscriber=unsubscriber,
+            feedback=Feedback(store, config.bounces.thresholds, counters, metrics),
+            verp=Verp.from_config(config),
+            metrics=metrics,
+        )
+        try:
+            result = await intake.process(data, recipients, "ingest")
+        except StoreUnavailable as exc:
+            print(f"error: {exc}; try again later", file=sys.stderr)
+            return EX_TEMPFAIL
+        await counters.flush()
+        print(f"{result.outcome} id={result.id} kind={result.kind} {result.detail}".rstrip())
+        return 0
+    finally:
+        await redis.aclose()
+
+
+async def _inbound(
+    redis: RedisClient, config: Config, action: str, inbound_id: str | None, limit: int
+) -> int:
+    records = InboundLog(redis, Keys(config.redis.key_prefix))
+    if action == "show":
+        if not inbound_id:
+            print("error: give the id that 'inbound list' prints", file=sys.stderr)
+            return 2
+        data = await records.data(inbound_id)
+        if data is None:
+            print(f"{inbound_id}: not kept (unknown, or older than bounces.keep_days)")
+            return 1
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    for r in await records.recent(limit):
+        text = [v or "-" for v in (r.source, r.kind, r.outcome)]
+        print("\t".join([r.id, _time(int(r.received)), *text]))
+    return 0
+
+
+async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:
+    action: str = args.action
+    now = time.time()
+    if action == "add":
+        scope = parse_scope(args.group, args.sender)
+        ttl = args.expires_days * 86400 if args.expires_days else None
+        new = await store.add(args.address, scope, args.reason, source="cli", ttl=ttl)
+        print(f"{'added' if new else 'already present'}: {args.address} {describe_scope(scope)}")
+        return 0
+    if action == "remove":
+        try:
+            removed = await store.remove(
+                args.address, _scope_or_none(args), args.reason, source="cli", force=args.force
+            )
+        except ProtectedEntry as exc:
+            print(f"refused: {exc} (use --force; the removal is logged)", file=sys.stderr)
+            return 1
+        for e in removed:
+            print(f"removed: {e.address} {describe_scope(e.scope)} {e.reason}")
+        if not removed:
+            print(f"{args.address}: nothing to remove")
+        return 0 if removed else 1
+    if action == "show":
+        entries = await store.entries(args.address)
+        pattern = await store.pattern_match(args.address)
+        if not entries and pattern is None:
+            print(f"{args.address}: not suppressed")
+        for e in entries:
+            print(entry_line(e, now))
+        if pattern is not None:
+            print(f"{args.address}\tglobal\tpattern\tmatches {pattern!r} (marketing mail)")
+        return 0
+    if action == "list":
+        return await _list(args, store, now)
+    if action == "import":
+        return await _import(args, store)
+    if action == "export":
+        filters = ExportFilter(args.group, args.sender, args.reason, args.since, args.until)
+        with _output(args.out) as out:
+            async for chunk in export_csv(store, filters):
+                out.write(chunk)
+        return 0
+    if action == "stats":
+        result = await stats(store)
+        print(f"addresses suppressed: {result.addresses} (expired entries: {result.expired})")
+        print(f"patterns: {result.patterns}")
+        for (kind, reason), n in sorted(result.by_scope_reason.items()):
+            print(f"  {kind:<8} {reason:<12} {n}")
+        print("unsubscribes per day (last 30 days):")
+        for day, n in sorted(result.unsubscribes_per_day.items()):
+            print(f"  {day} {n}")
+        return 0
+    return await _pattern(args, store)
+
+
+async def _list(args: argparse.Namespace, store: SuppressionStore, now: float) -> int:
+    filters = ExportFilter(args.group, args.sender, args.reason, live_only=not args.all)
+    count = 0
+    async for e in store.scan():
+        if filters.accepts(e, now):
+            print(entry_line(e, now))
+            count += 1
+            if args.limit and count >= args.limit:
+                break
+    return 0
+
+
+async def _import(args: argparse.Namespace, store: SuppressionStore) -> int:
+    scope = _scope_or_none(args) or GLOBAL
+    if str(args.file) == "-":
+        lines: TextIO = sys.stdin
+        report = await import_lines(
+            store, lines, scope=scope, reason=args.reason, source="import", dry_run=args.dry_run
+        )
+    else:
+        try:
+            with args.file.open(encoding="utf-8-sig") as f:
+                report = await import_lines(
+                    store, f, scope=scope, reason=args.reason, source="import", dry_run=args.dry_run
+                )
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+            return 1
+    verb = "would add" if args.dry_run else "added"
+    invalid = len(report.invalid)
+    print(f"{verb}: {report.accepted}, duplicates: {report.duplicates}, invalid: {invalid}")
+    for number, text, error in report.invalid:
+        print(f"  line {number}: {text!r}: {error}")
+    return 0 if not report.invalid else 3
+
+
+async def _pattern(args: argparse.Namespace, store: SuppressionStore) -> int:
+    if args.pattern_action == "list":
+        for p in store.policy.patterns:
+            print(f"{p}\t(config)")
+        for p in await store.patterns():
+            print(f"{p}\t(redis)")
+        return 0
+    if not args.pattern:
+        print("error: give a pattern, e.g. mailinator.com or 'noreply@*'", file=sys.stderr)
+        return 2
+    if args.pattern_action == "add":
+        new = await store.add_pattern(args.pattern, source="cli")
+        print(f"{'added' if new else 'already present'}: {args.pattern}")
+        return 0
+    gone = await store.remove_pattern(args.pattern, source="cli")
+    print(f"{'removed' if gone else 'not present'}: {args.pattern}")
+    return 0 if gone else 1
+
+
+async def _events_tail(redis: RedisClient, config: Config, from_start: bool, count: int) -> int:
+    """Print stream entries as they arrive (``XREAD BLOCK``), one line each."""
+    key = f"{config.redis.key_prefix}:events"
+    last = "0-0" if from_start else "$"
+    seen = 0
+    while True:
+        try:
+            reply = await redis.xread({key: last}, block=5000, count=100)
+        except asyncio.CancelledError:
+            return 0
+        for _, messages in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply):
+            for event_id, fields in messages:
+                last = event_id.decode()
+                text = " ".join(f"{k.decode()}={v.decode()}" for k, v in fields.items())
+                print(f"{last} {text}", flush=True)
+                seen += 1
+                if count and seen >= count:
+                    return 0
+
+
+async def _report(
+    redis: RedisClient, config: Config, days: int, group: str | None, as_json: bool
+) -> int:
+    rows = [
+        r
+        for r in await daily_report(redis, config.redis.key_prefix, days)
+        if group is None or r.group == group
+    ]
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    print(
+        f"{'day':<11} {'group':<16} {'sent':>8} {'hard':>6} {'soft':>6} {'unkn.':>6}"
+        f" {'policy':>6} {'compl.':>6} {'unsub':>6} {'complaint rate':>15}"
+    )
+    for r in _with_day_totals(rows) if group is None else rows:
+        c = r.counts
+        print(
+            f"{r.day:<11} {r.group:<16} {c.get('sent', 0):>8} {c.get('hard-bounce', 0):>6}"
+            f" {c.get('soft-bounce', 0):>6} {c.get('unknown-bounce', 0):>6}"
+            f" {c.get('policy-bounce', 0):>6} {c.get('complaint', 0):>6}"
+            f" {c.get('unsubscribe', 0):>6}"
+            f" {r.complaint_rate:>14.3%} {verdict(r.complaint_rate)}"
+        )
+    if not rows:
+        print(f"no mail counted in the last {days} day(s)")
+    return 0
+
+
+def _with_day_totals(rows: list[DayRow]) -> list[DayRow]:
+    """Each day's groups, then an ``(all)`` row: Gmail judges the whole domain's rate."""
+    out: list[DayRow] = []
+    for day in dict.fromkeys(r.day for r in rows):
+        group_rows = [r for r in rows if r.day == day]
+        out.extend(group_rows)
+        if len(group_rows) > 1:
+            total: Counter[str] = Counter()
+            for r in group_rows:
+                total.update(r.counts)
+            out.append(DayRow(day, "(all)", dict(total)))
+    return out
+
+
+async def _queue_list(redis: RedisClient, config: Config) -> int:
+    items = await RetryQueue(redis, config.redis.key_prefix, config.retry).list()
+    print(f"{len(items)} message(s) in the retry queue")
+    for item in items:
+        print(
+            f"{item.id}\trcpt={item.rcpt}\tfrom={item.mail_from}\tattempts={item.attempts}"
+            f"\tnext={_time(int(item.due))}\tlast={item.reply}"
+        )
+    return 0

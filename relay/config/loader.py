@@ -1,0 +1,720 @@
+"""Configuration: YAML in, frozen dataclasses out, built once and passed in.
+
+This is the only module that reads YAML. Every problem raises ``ConfigError``
+naming the dotted key (``upstream.port: expected an integer 1-65535``); unknown
+keys are errors so that a typo never silently falls back to a default.
+Secrets are read from files named in the config (or environment variables) and
+kept in ``Secret`` objects whose ``repr`` never shows them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from relay.config.schema import (
+    DEFAULT_CONFIG_ENV,
+    DEFAULT_TOKEN_MAX_AGE_DAYS,
+    BouncesConfig,
+    BounceThresholds,
+    Config,
+    DkimConfig,
+    DkimKeyConfig,
+    EventsConfig,
+    GroupConfig,
+    HostPort,
+    HttpConfig,
+    LogConfig,
+    MiB,
+    Network,
+    NotifyConfig,
+    PolicyConfig,
+    RedisConfig,
+    RedisOnError,
+    RetryConfig,
+    Secret,
+    SenderRule,
+    SentinelConfig,
+    SmtpConfig,
+    SmtpTlsConfig,
+    SuppressionConfig,
+    TokenKey,
+    TokensConfig,
+    UnsubscribeConfig,
+    UpstreamConfig,
+    WebhookConfig,
+)
+from relay.errors import ConfigError
+from relay.model import BOUNCE_KINDS, BounceKind, MessageClass
+
+_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}$")
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A mapping being read; remembers which keys were used to flag the rest."""
+
+    def __init__(self, raw: object, path: str, base: Path) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(path or "(top level)", "expected a mapping")
+        self.raw: dict[str, Any] = raw
+        self.path = path
+        self.base = base
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return self.raw.get(name) is not None
+
+    def get(self, name: str, default: T, conv: Callable[[object, str], T]) -> T:
+        self.used.add(name)
+        value = self.raw.get(name)
+        if value is None:
+            return default
+        return conv(value, self.key(name))
+
+    def require(self, name: str, conv: Callable[[object, str], T]) -> T:
+        self.used.add(name)
+        value = self.raw.get(name)
+        if value is None:
+            raise ConfigError(self.key(name), "is required")
+        return conv(value, self.key(name))
+
+    def section(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.raw.get(name), self.key(name), self.base)
+
+    def child(self, raw: object, key: str) -> _Section:
+        return _Section(raw, key, self.base)
+
+    def file(self, name: str) -> Path:
+        """A required, readable file; relative paths are relative to the config file."""
+        path = self.base / self.require(name, _str)
+        if not path.is_file():
+            raise ConfigError(self.key(name), f"file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(self.key(name), f"file not readable: {path}")
+        return path
+
+    def items(self, name: str) -> Iterator[tuple[object, str]]:
+        self.used.add(name)
+        value = self.raw.get(name)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), "expected a list")
+        for index, item in enumerate(value):
+            yield item, f"{self.key(name)}[{index}]"
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise ConfigError(self.key(str(unknown[0])), "unknown key")
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, "expected a non-empty string")
+    return value.strip()
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, "expected true or false")
+    return value
+
+
+def _int_range(low: int, high: int) -> Callable[[object, str], int]:
+    def conv(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(key, f"expected an integer {low}-{high}")
+        return value
+
+    return conv
+
+
+def _seconds(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(key, "expected a positive number of seconds")
+    return float(value)
+
+
+def _size(value: object, key: str) -> int:
+    """Bytes, as an integer or with a unit: 25MiB, 512KiB, 10MB."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)?\s*", value, re.IGNORECASE)
+        if m:
+            units = {"b": 1, "kb": 1000, "mb": 10**6, "gb": 10**9}
+            units |= {"kib": 1024, "mib": MiB, "gib": 1024 * MiB}
+            size = int(m.group(1)) * units[(m.group(2) or "b").lower()]
+            if size > 0:
+                return size
+    raise ConfigError(key, "expected a positive size in bytes, e.g. 26214400 or 25MiB")
+
+
+def _choice(*options: str) -> Callable[[object, str], Any]:
+    """A converter to one of ``options``; typed Any so Literal fields accept it."""
+
+    def conv(value: object, key: str) -> str:
+        if value not in options:
+            raise ConfigError(key, f"expected one of: {', '.join(options)}")
+        return str(value)
+
+    return conv
+
+
+def _host_port(value: object, key: str) -> HostPort:
+    text = _str(value, key)
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not m:
+        raise ConfigError(key, 'expected "host:port" (IPv6 as "[::1]:port")')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, "port must be 0-65535")
+    return HostPort(host, port)
+
+
+def _network(value: object, key: str) -> Network:
+    try:
+        return ipaddress.ip_network(_str(value, key), strict=False)
+    except ValueError as exc:
+        raise ConfigError(key, f"not an IP network: {exc}") from None
+
+
+def _https_url(value: object, key: str) -> str:
+    text = _str(value, key).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query:
+        raise ConfigError(key, "expected an https:// URL without query string")
+    return text
+
+
+def _redis_url(value: object, key: str) -> str:
+    text = _str(value, key)
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(key, "expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _domain(value: object, key: str) -> str:
+    text = _str(value, key).lower().rstrip(".")
+    try:
+        text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ConfigError(key, "not a valid domain name") from None
+    if not _DOMAIN.match(text):
+        raise ConfigError(key, "not a valid domain name")
+    return text
+
+
+def _secret_from(section: _Section, name: str, *, required: bool) -> Secret | None:
+    """Read ``NAME_file`` (a path) or ``NAME_env`` (an environment variable)."""
+    file_key, env_key = f"{name}_file", f"{name}_env"
+    if section.has(file_key):
+        path = section.file(file_key)
+        section.used.add(env_key)
+        value = path.read_bytes().strip()
+        if not value:
+            raise ConfigError(section.key(file_key), f"file is empty: {path}")
+        return Secret(value)
+    if section.has(env_key):
+        var = section.require(env_key, _str)
+        env_value = os.environ.get(var, "").strip()
+        if not env_value:
+            raise ConfigError(section.key(env_key), f"environment variable {var} is not set")
+        return Secret(env_value.encode())
+    section.used.update({file_key, env_key})
+    if required:
+        raise ConfigError(section.key(file_key), "is required (or set " + env_key + ")")
+    return None
+
+
+def _read_smtp(s: _Section) -> SmtpConfig:
+    d = SmtpConfig()
+    networks = tuple(_network(item, key) for item, key in s.items("allowed_networks"))
+    cfg = SmtpConfig(
+        listen=s.get("listen", d.listen, _host_port),
+        allowed_networks=networks if "allowed_networks" in s.raw else d.allowed_networks,
+        hostname=s.get("hostname", d.hostname, _str),
+        max_message_size=s.get("max_message_size", d.max_message_size, _size),
+        max_recipients=s.get("max_recipients", d.max_recipients, _int_range(1, 100_000)),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        drain_timeout=s.get("drain_timeout", d.drain_timeout, _seconds),
+        workers=s.get("workers", os.cpu_count() or 1, _int_range(1, 256)),
+        tls=_read_smtp_tls(s.section("tls")) if s.has("tls") else None,
+        auth_users_file=_read_smtp_auth(s.section("auth")) if s.has("auth") else None,
+    )
+    s.used.update({"tls", "auth"})
+    if cfg.auth_users_file is not None and cfg.tls is None:
+        raise ConfigError(s.key("auth"), "needs smtp.tls: passwords are only taken over TLS")
+    s.done()
+    return cfg
+
+
+def _read_smtp_tls(s: _Section) -> SmtpTlsConfig:
+    cfg = SmtpTlsConfig(
+        cert_file=s.file("cert_file"),
+        key_file=s.file("key_file"),
+        mode=s.get("mode", "starttls", _choice("starttls", "implicit")),
+    )
+    s.done()
+    return cfg
+
+
+def _read_smtp_auth(s: _Section) -> Path:
+    path = s.file("users_file")
+    s.done()
+    return path
+
+
+def _read_upstream(s: _Section) -> UpstreamConfig:
+    d = UpstreamConfig()
+    cfg = UpstreamConfig(
+        host=s.get("host", d.host, _str),
+        port=s.get("port", d.port, _int_range(1, 65535)),
+        tls=s.get("tls", d.tls, _choice("none", "starttls", "implicit")),
+        username=s.get("username", None, _str),
+        password=_secret_from(s, "password", required=False),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        connections=s.get("connections", d.connections, _int_range(1, 256)),
+        helo_name=s.get("helo_name", None, _str),
+    )
+    if cfg.username and cfg.password is None:
+        raise ConfigError(s.key("password_file"), "is required when username is set")
+    s.done()
+    return cfg
+
+
+def _read_http(s: _Section) -> HttpConfig:
+    d = HttpConfig()
+    cfg = HttpConfig(
+        listen=s.get("listen", d.listen, _host_port),
+        public_url=s.require("public_url", _https_url),
+        max_body_size=s.get("max_body_size", d.max_body_size, _int_range(256, MiB)),
+        admin_token=_secret_from(s, "admin_token", required=False),
+        trusted_proxies=tuple(_network(item, key) for item, key in s.items("trusted_proxies")),
+    )
+    if cfg.admin_token is not None and len(cfg.admin_token.reveal()) < 16:
+        raise ConfigError(s.key("admin_token_file"), "token too short: use 16+ random characters")
+    s.done()
+    return cfg
+
+
+def _read_redis(s: _Section) -> RedisConfig:
+    d = RedisConfig()
+    on_error = s.section("on_error")
+    choice = _choice("tempfail", "deliver")
+    sentinel = None
+    if s.has("sentinel"):
+        ss = s.section("sentinel")
+        addresses = tuple(_host_port(item, key) for item, key in ss.items("addresses"))
+        if not addresses:
+            raise ConfigError(ss.key("addresses"), "at least one sentinel host:port is required")
+        sentinel = SentinelConfig(
+            master=ss.require("master", _str),
+            addresses=addresses,
+            db=ss.get("db", 0, _int_range(0, 15)),
+        )
+        ss.done()
+    s.used.add("sentinel")
+    cfg = RedisConfig(
+        cluster=s.get("cluster", False, _bool),
+        sentinel=sentinel,
+        url=s.get("url", None, _redis_url),
+        key_prefix=s.get("key_prefix", d.key_prefix, _str),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        on_error=RedisOnError(
+            marketing=on_error.get("marketing", d.on_error.marketing, choice),
+            transactional=on_error.get("transactional", d.on_error.transactional, choice),
+        ),
+    )
+    on_error.done()
+    s.done()
+    if cfg.cluster and cfg.url is None:
+        raise ConfigError(s.key("url"), "redis.cluster needs the URL of one cluster node")
+    if cfg.cluster and cfg.sentinel is not None:
+        raise ConfigError(s.key("sentinel"), "use redis.cluster or redis.sentinel, not both")
+    return cfg
+
+
+def _read_tokens(s: _Section) -> TokensConfig:
+    keys: list[TokenKey] = []
+    for item, key in s.items("keys"):
+        k = s.child(item, key)
+        key_id = k.require("id", _str)
+        if not _KEY_ID.match(key_id):
+            raise ConfigError(k.key("id"), "expected 1-16 characters of A-Z a-z 0-9 _ -")
+        if any(existing.id == key_id for existing in keys):
+            raise ConfigError(k.key("id"), f"duplicate key id {key_id!r}")
+        secret = _secret_from(k, "secret", required=True)
+        assert secret is not None
+        if len(secret.reveal()) < 32:
+            where = "secret_file" if k.has("secret_file") else "secret_env"
+            raise ConfigError(
+                k.key(where), "secret too short: need at least 32 bytes of random data"
+            )
+        k.done()
+        keys.append(TokenKey(key_id, secret))
+    if not keys:
+        raise ConfigError(s.key("keys"), "at least one key is required (the first one issues)")
+    cfg = TokensConfig(
+        keys=tuple(keys),
+        max_age_days=s.get("max_age_days", DEFAULT_TOKEN_MAX_AGE_DAYS, _int_range(30, 3650)),
+    )
+    s.done()
+    return cfg
+
+
+def _read_dkim(top: _Section) -> DkimConfig:
+    """``dkim:`` is a list of keys (the contract), or a mapping with ``keys`` and options."""
+    top.used.add("dkim")
+    raw = top.raw.get("dkim")
+    require = False
+    if raw is None or isinstance(raw, list):
+        items = [(item, f"dkim[{i}]") for i, item in enumerate(raw or [])]
+    else:
+        s = top.section("dkim")
+        require = s.get("require_for_marketing", False, _bool)
+        items = list(s.items("keys"))
+        s.done()
+    keys: list[DkimKeyConfig] = []
+    for item, key in items:
+        k = top.child(item, key)
+        entry = DkimKeyConfig(
+            domain=k.require("domain", _domain),
+            selector=k.require("selector", _selector),
+            private_key_file=k.file("private_key_file"),
+            key=key,
+        )
+        k.done()
+        if any((e.domain, e.selector) == (entry.domain, entry.selector) for e in keys):
+            raise ConfigError(
+                k.key("selector"), f"duplicate selector {entry.selector} for {entry.domain}"
+            )
+        keys.append(entry)
+    return DkimConfig(keys=tuple(keys), require_for_marketing=require)
+
+
+def _selector(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,62})", text):
+        raise ConfigError(key, "not a valid DKIM selector")
+    return text
+
+
+def _read_policy(s: _Section) -> PolicyConfig:
+    class_choice = _choice("marketing", "transactional")
+    default_class: MessageClass = s.get("default_class", "transactional", class_choice)
+    default_group = s.get("default_group", "default", _group_name)
+    groups: dict[str, GroupConfig] = {}
+    g = s.section("groups")
+    for name in list(g.raw):
+        key = g.key(str(name))
+        _group_name(name, key)
+        gs = g.section(str(name))
+        groups[str(name)] = GroupConfig(
+            name=str(name),
+            display_name=gs.get("display_name", str(name), _str),
+            list_id=gs.get("list_id", None, _list_id),
+            mailto=gs.get("mailto", None, _mailto),
+        )
+        gs.done()
+    g.done()
+    senders: list[SenderRule] = []
+    for item, key in s.items("senders"):
+        r = s.child(item, key)
+        match = r.require("match", _str).lower()
+        if "@" not in match:
+            raise ConfigError(r.key("match"), 'expected an address, "*@domain" or a glob')
+        message_class = r.require("class", class_choice)
+        group = r.get("group", None, _group_name)
+        if message_class == "marketing" and group is None:
+            group = default_group
+        if message_class == "transactional" and group is not None:
+            raise ConfigError(r.key("group"), "only marketing senders have a group")
+        rule = SenderRule(
+            match=match,
+            message_class=message_class,
+            group=group,
+            unsubscribe_scope=r.get(
+                "unsubscribe_scope", "group", _choice("group", "sender", "all_marketing")
+            ),
+            keep_app_unsubscribe=r.get("keep_app_unsubscribe", False, _bool),
+        )
+        r.done()
+        senders.append(rule)
+    cfg = PolicyConfig(
+        default_class=default_class,
+        default_group=default_group,
+        senders=tuple(senders),
+        groups=groups,
+    )
+    s.done()
+    return cfg
+
+
+def _group_name(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not _GROUP.match(text):
+        raise ConfigError(key, "expected 1-64 characters of A-Z a-z 0-9 . _ -")
+    return text
+
+
+def _list_id(value: object, key: str) -> str:
+    text = _str(value, key)
+    if any(ch in text for ch in "\r\n\0") or not text.isascii():
+        raise ConfigError(key, "expected printable ASCII, e.g. News <news.example.com>")
+    return text
+
+
+def _mailto(value: object, key: str) -> str:
+    text = _str(value, key).removeprefix("mailto:")
+    if not re.fullmatch(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+", text):
+        raise ConfigError(key, "expected a plain address such as unsubscribe@example.com")
+    return text
+
+
+def _read_retry(s: _Section) -> RetryConfig:
+    d = RetryConfig()
+    cfg = RetryConfig(
+        max_age=s.get("max_age", d.max_age, _seconds),
+        first_delay=s.get("first_delay", d.first_delay, _seconds),
+        max_delay=s.get("max_delay", d.max_delay, _seconds),
+        poll_interval=s.get("poll_interval", d.poll_interval, _seconds),
+    )
+    s.done()
+    return cfg
+
+
+def _days_or_never(value: object, key: str) -> float | None:
+    if value == "never":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(key, 'expected a positive number of days or "never"')
+    return float(value)
+
+
+def _pattern(value: object, key: str) -> str:
+    text = _str(value, key).lower()
+    if any(ch.isspace() for ch in text) or text.count("@") > 1:
+        raise ConfigError(key, 'expected a domain, "@domain" or an address glob')
+    return text
+
+
+def _read_suppression(s: _Section) -> SuppressionConfig:
+    d = SuppressionConfig()
+    soft = tuple(_days(item, key) for item, key in s.items("soft_bounce_days"))
+    cfg = SuppressionConfig(
+        hard_bounce_days=s.get("hard_bounce_days", d.hard_bounce_days, _days_or_never),
+        soft_bounce_days=soft or d.soft_bounce_days,
+        manual_days=s.get("manual_days", None, _days_or_never),
+        patterns=tuple(_pattern(item, key) for item, key in s.items("patterns")),
+        patterns_block_transactional=s.get("patterns_block_transactional", False, _bool),
+    )
+    s.done()
+    return cfg
+
+
+def _days(value: object, key: str) -> float:
+    days = _days_or_never(value, key)
+    if days is None:
+        raise ConfigError(key, "expected a positive number of days")
+    return days
+
+
+def _address(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", text):
+        raise ConfigError(key, "expected an e-mail address")
+    return text
+
+
+def _read_events(s: _Section) -> EventsConfig:
+    webhook = notify = None
+    if s.has("webhook"):
+        w = s.section("webhook")
+        secret = _secret_from(w, "secret", required=True)
+        assert secret is not None
+        webhook = WebhookConfig(
+            url=w.require("url", _https_url),
+            secret=secret,
+            timeout=w.get("timeout", 10.0, _seconds),
+        )
+        w.done()
+    if s.has("notify_email"):
+        n = s.section("notify_email")
+        reasons = tuple(
+            _choice("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual")(item, key)
+            for item, key in n.items("reasons")
+        )
+        notify = NotifyConfig(
+            to=n.require("to", _address),
+            sender=n.require("from", _address),
+            reasons=reasons or ("unsubscribe",),
+        )
+        n.done()
+    s.used.update({"webhook", "notify_email"})
+    cfg = EventsConfig(
+        webhook=webhook,
+        notify_email=notify,
+        retry_first_delay=s.get("retry_first_delay", 5.0, _seconds),
+        retry_max_delay=s.get("retry_max_delay", 600.0, _seconds),
+    )
+    s.done()
+    return cfg
+
+
+def _read_log(s: _Section) -> LogConfig:
+    cfg = LogConfig(
+        format=s.get("format", "text", _choice("text", "json")),
+        level=s.get("level", "info", _choice("debug", "info", "warning", "error")),
+    )
+    s.done()
+    return cfg
+
+
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")
+_ENHANCED_PREFIX = re.compile(r"^[245](\.\d{1,3}){0,2}$")
+
+
+def _local_part(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not _LOCAL_PART.match(text):
+        raise ConfigError(key, "expected 1-16 characters of A-Z a-z 0-9 . _ - (no +)")
+    return text
+
+
+def _threshold(value: object, key: str) -> int:
+    if value == "never":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ConfigError(key, 'expected an integer 1-1000 or "never"')
+    return value
+
+
+def _read_bounces(s: _Section) -> BouncesConfig:
+    d = BouncesConfig()
+    t = s.section("thresholds")
+    thresholds = BounceThresholds(
+        **{kind: t.get(kind, d.thresholds.of(kind), _threshold) for kind in BOUNCE_KINDS}
+    )
+    t.done()
+    c = s.section("classify")
+    kind_choice = _choice(*BOUNCE_KINDS)
+    classify: list[tuple[str, BounceKind]] = []
+    for code in list(c.raw):
+        key = c.key(str(code))
+        if not isinstance(code, str):
+            raise ConfigError(key, 'quote the code: "5.7" (unquoted, YAML reads a number)')
+        if not _ENHANCED_PREFIX.match(code):
+            raise ConfigError(key, 'expected an RFC 3463 code or prefix such as "5.1.1" or "5.7"')
+        classify.append((code, c.get(code, "unknown", kind_choice)))
+    c.done()
+    feedback = tuple(_address(item, key).lower() for item, key in s.items("feedback_addresses"))
+    cfg = BouncesConfig(
+        return_path_domain=s.get("return_path_domain", None, _domain),
+        local_part=s.get("local_part", d.local_part, _local_part),
+        listen=s.get("listen", None, _host_port),
+        protocol=s.get("protocol", d.protocol, _choice("smtp", "lmtp")),
+        feedback_addresses=feedback,
+        keep_days=s.get("keep_days", d.keep_days, _days),
+        max_message_size=s.get("max_message_size", d.max_message_size, _size),
+        timeout=s.get("timeout", d.timeout, _seconds),
+        accept_unsigned=s.get("accept_unsigned", d.accept_unsigned, _bool),
+        thresholds=thresholds,
+        classify=tuple(classify),
+    )
+    s.done()
+    return cfg
+
+
+def _read_unsubscribe(s: _Section) -> UnsubscribeConfig:
+    cfg = UnsubscribeConfig(
+        mailto_domain=s.get("mailto_domain", None, _domain),
+        mailto_local_part=s.get("mailto_local_part", "unsubscribe", _local_part),
+    )
+    s.done()
+    return cfg
+
+
+def _check_inbound(config: Config) -> None:
+    """The listener needs at least one address to accept mail for (it never relays)."""
+    bounces = config.bounces
+    if bounces.listen is None:
+        return
+    group_mailto = any(g.mailto for g in config.policy.groups.values())
+    if not (bounces.accepted_addresses() or config.unsubscribe.mailto_domain or group_mailto):
+        raise ConfigError(
+            "bounces.listen",
+            "no address to accept mail for: set bounces.return_path_domain,"
+            " bounces.feedback_addresses, unsubscribe.mailto_domain or a group's mailto",
+        )
+    if bounces.listen == config.smtp.listen and bounces.listen.port != 0:
+        raise ConfigError("bounces.listen", "must differ from smtp.listen")
+
+
+def parse_config(raw: object, source: Path | None = None) -> Config:
+    """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
+    base = source.parent if source is not None else Path.cwd()
+    top = _Section(raw, "", base)
+    for required in ("http", "tokens"):
+        if not top.has(required):
+            raise ConfigError(required, "is required")
+    config = Config(
+        smtp=_read_smtp(top.section("smtp")),
+        upstream=_read_upstream(top.section("upstream")),
+        http=_read_http(top.section("http")),
+        redis=_read_redis(top.section("redis")),
+        tokens=_read_tokens(top.section("tokens")),
+        dkim=_read_dkim(top),
+        policy=_read_policy(top.section("policy")),
+        retry=_read_retry(top.section("retry")),
+        suppression=_read_suppression(top.section("suppression")),
+        events=_read_events(top.section("events")),
+        bounces=_read_bounces(top.section("bounces")),
+        unsubscribe=_read_unsubscribe(top.section("unsubscribe")),
+        log=_read_log(top.section("log")),
+        source=source,
+    )
+    top.done()
+    _check_inbound(config)
+    return config
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read and validate the YAML file at ``path`` (or ``$ONECLICK_RELAY_CONFIG``)."""
+    if path is None:
+        env = os.environ.get(DEFAULT_CONFIG_ENV)
+        if not env:
+            raise ConfigError("-c/--config", f"no config file given (or set {DEFAULT_CONFIG_ENV})")
+        path = env
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("-c/--config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("(file)", f"not valid YAML{where}") from None
+    return parse_config(raw, source=path.resolve())

@@ -1,0 +1,301 @@
+"""The configuration's shape: frozen dataclasses with their defaults, nothing read here.
+
+``relay.config.loader`` builds a ``Config`` from YAML; every other package receives
+these objects in its constructors and never looks at YAML or at the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from relay.model import BounceKind, MessageClass, UnsubscribeScope
+
+OnError = Literal["tempfail", "deliver"]
+TlsMode = Literal["none", "starttls", "implicit"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MiB = 1024 * 1024
+DEFAULT_CONFIG_ENV = "ONECLICK_RELAY_CONFIG"
+DEFAULT_TOKEN_MAX_AGE_DAYS = 180
+
+
+class Secret:
+    """Bytes that never appear in a repr, a log line or an error."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpTlsConfig:
+    cert_file: Path
+    key_file: Path
+    mode: Literal["starttls", "implicit"] = "starttls"
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: HostPort = HostPort("127.0.0.1", 2525)
+    allowed_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    hostname: str = field(default_factory=socket.getfqdn)
+    max_message_size: int = 25 * MiB
+    max_recipients: int = 1000
+    timeout: float = 300.0
+    """Idle timeout per client connection; it also runs while DATA is processed."""
+    drain_timeout: float = 30.0
+    """On SIGTERM, how long in-flight transactions may take before they are cut."""
+    workers: int = 1
+    """Processes sharing the listening ports (SO_REUSEPORT); the YAML default is the core count."""
+    tls: SmtpTlsConfig | None = None
+    auth_users_file: Path | None = None
+    """SMTP AUTH users (``oneclick-relay passwd``); lets clients outside allowed_networks in."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: TlsMode = "none"
+    username: str | None = None
+    password: Secret | None = None
+    timeout: float = 30.0
+    connections: int = 8
+    helo_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    public_url: str = "https://unsubscribe.example.com"
+    max_body_size: int = 8192
+    admin_token: Secret | None = None
+    """Bearer token of the /admin/ API; None turns the API off."""
+    trusted_proxies: tuple[Network, ...] = ()
+    """Reverse proxies whose X-Forwarded-For names the real client."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOnError:
+    marketing: OnError = "tempfail"
+    transactional: OnError = "deliver"
+
+    def for_class(self, message_class: MessageClass) -> OnError:
+        return self.marketing if message_class == "marketing" else self.transactional
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    master: str
+    addresses: tuple[HostPort, ...]
+    db: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str | None = None
+    """None (and no sentinel) means: start an embedded server (demo and trials)."""
+    cluster: bool = False
+    sentinel: SentinelConfig | None = None
+    key_prefix: str = "ocr"
+    timeout: float = 2.0
+    on_error: RedisOnError = RedisOnError()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    id: str
+    secret: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    keys: tuple[TokenKey, ...]
+    max_age_days: int = DEFAULT_TOKEN_MAX_AGE_DAYS
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKeyConfig:
+    domain: str
+    selector: str
+    private_key_file: Path
+    key: str = ""
+    """Where this entry is in the YAML, for error messages (``dkim.keys[1]``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    keys: tuple[DkimKeyConfig, ...] = ()
+    require_for_marketing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    name: str
+    display_name: str
+    list_id: str | None = None
+    mailto: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SenderRule:
+    match: str
+    message_class: MessageClass
+    group: str | None
+    unsubscribe_scope: UnsubscribeScope = "group"
+    keep_app_unsubscribe: bool = False
+    """Keep an HTTPS List-Unsubscribe the application set itself instead of ours."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    default_class: MessageClass = "transactional"
+    default_group: str = "default"
+    senders: tuple[SenderRule, ...] = ()
+    groups: Mapping[str, GroupConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionConfig:
+    """Expiry per reason in days (None: never) and address patterns never to mail."""
+
+    hard_bounce_days: float | None = 180
+    soft_bounce_days: tuple[float, ...] = (7, 14, 30, 180)
+    manual_days: float | None = None
+    patterns: tuple[str, ...] = ()
+    patterns_block_transactional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    url: str
+    secret: Secret
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    to: str
+    sender: str
+    reasons: tuple[str, ...] = ("unsubscribe",)
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    webhook: WebhookConfig | None = None
+    notify_email: NotifyConfig | None = None
+    retry_first_delay: float = 5.0
+    retry_max_delay: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_age: float = 5 * 24 * 3600.0
+    first_delay: float = 60.0
+    max_delay: float = 3600.0
+    poll_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class BounceThresholds:
+    """Failures of each kind in a row before the address is suppressed (0: never)."""
+
+    hard: int = 1
+    soft: int = 5
+    unknown: int = 3
+    policy: int = 0
+
+    def of(self, kind: BounceKind) -> int:
+        return int(getattr(self, kind))
+
+
+@dataclass(frozen=True, slots=True)
+class BouncesConfig:
+    """Return path (VERP), the inbound listener for bounces and complaints, and the rules."""
+
+    return_path_domain: str | None = None
+    """Set: mail goes upstream with ``MAIL FROM:<local_part+CODE…@return_path_domain>``."""
+    local_part: str = "bounces"
+    listen: HostPort | None = None
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+    feedback_addresses: tuple[str, ...] = ()
+    """More addresses the listener accepts (a feedback-loop address, an old return path)."""
+    keep_days: float = 30.0
+    """How long each inbound message is kept in Redis for audit (and remembered as seen)."""
+    max_message_size: int = 10 * MiB
+    timeout: float = 60.0
+    accept_unsigned: bool = False
+    """Also act on a recipient a report only states (no VERP code, no unsubscribe token)."""
+    thresholds: BounceThresholds = BounceThresholds()
+    classify: tuple[tuple[str, BounceKind], ...] = ()
+    """Overrides of the enhanced-code table: (code prefix, kind), e.g. ("5.4.1", "hard")."""
+
+    def accepted_addresses(self) -> tuple[str, ...]:
+        """Exact addresses the listener takes (``local_part+…`` is matched separately)."""
+        own = (f"{self.local_part}@{self.return_path_domain}",) if self.return_path_domain else ()
+        return own + self.feedback_addresses
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeConfig:
+    mailto_domain: str | None = None
+    """Set: marketing mail also offers ``<mailto:LOCAL@DOMAIN?subject=unsubscribe%20TOKEN>``."""
+    mailto_local_part: str = "unsubscribe"
+
+    @property
+    def mailto_address(self) -> str | None:
+        return f"{self.mailto_local_part}@{self.mailto_domain}" if self.mailto_domain else None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    smtp: SmtpConfig
+    upstream: UpstreamConfig
+    http: HttpConfig
+    redis: RedisConfig
+    tokens: TokensConfig
+    dkim: DkimConfig
+    policy: PolicyConfig
+    retry: RetryConfig = RetryConfig()
+    suppression: SuppressionConfig = SuppressionConfig()
+    events: EventsConfig = EventsConfig()
+    bounces: BouncesConfig = BouncesConfig()
+    unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
+    log: LogConfig = LogConfig()
+    source: Path | None = None

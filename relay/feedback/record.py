@@ -1,0 +1,114 @@
+"""What a delivery failure or a complaint does to the suppression list, and how it is counted.
+
+Shared by the inbound listener, ``oneclick-relay ingest`` and the pipeline (the
+upstream's own refusals while relaying), so a failure is judged the same wherever
+it is seen. Failures of each kind are counted in a row per address; at the
+threshold (``bounces.thresholds``) the address is suppressed globally:
+
+========== ================ ===============================================================
+kind       daily counter    at the threshold
+========== ================ ===============================================================
+hard       hard-bounce      ``hard-bounce`` entry (``suppression.hard_bounce_days``, 180)
+soft       soft-bounce      ``soft-bounce`` entry, graduated 7 → 14 → 30 → 180 days
+unknown    unknown-bounce   ``soft-bounce`` entry, graduated (the cause is not known)
+policy     policy-bounce    nothing by default: 5.7.x is about the sender, not the address
+complaint  complaint        ``complaint`` entry: never expires, removable only with force
+========== ================ ===============================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from relay.config import BounceThresholds
+from relay.metrics import Metrics
+from relay.model import BounceKind
+from relay.suppression.report import DailyCounters
+from relay.suppression.store import GLOBAL, SuppressionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Whom a failure or complaint is about, and how we know."""
+
+    recipient: str
+    group: str = "-"
+    sent: float | None = None
+    """When the failed copy was relayed, if known (ends a streak a later success broke)."""
+    message: str = ""
+    via: str = "report"
+    """``verp`` (return-path code), ``token`` (the original's unsubscribe token),
+    ``report`` (an address the report states, ``bounces.accept_unsigned``), ``relay``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailureOutcome:
+    kind: BounceKind
+    count: int
+    threshold: int
+    suppressed: bool
+
+
+class Feedback:
+    def __init__(
+        self,
+        store: SuppressionStore,
+        thresholds: BounceThresholds,
+        counters: DailyCounters,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._thresholds = thresholds
+        self._counters = counters
+        self._metrics = metrics
+
+    async def failure(
+        self, who: Attribution, kind: BounceKind, status: str, source: str, detail: str = ""
+    ) -> FailureOutcome:
+        """A final delivery failure: count it; suppress at the kind's threshold."""
+        count = await self._store.record_failure(who.recipient, kind, who.sent, who.message)
+        threshold = self._thresholds.of(kind)
+        suppressed = bool(threshold) and count >= threshold
+        note = f"{status} {kind} {count}x via={who.via} msg={who.message or '-'} {detail}".strip()
+        if suppressed:
+            if kind == "hard":
+                await self._store.add(who.recipient, GLOBAL, "hard-bounce", "bounce", detail=note)
+            else:
+                await self._store.record_soft_bounce(who.recipient, "bounce", note)
+            await self._store.reset_streak(who.recipient, kind)
+        self._counters.add(f"{kind}-bounce", who.group)
+        self._metrics.bounces.labels(kind, source).inc()
+        log.info(
+            "bounce rcpt=%s kind=%s status=%s count=%d threshold=%s suppressed=%s group=%s"
+            " msg=%s via=%s source=%s",
+            who.recipient,
+            kind,
+            status,
+            count,
+            threshold or "never",
+            suppressed,
+            who.group,
+            who.message or "-",
+            who.via,
+            source,
+        )
+        return FailureOutcome(kind, count, threshold, suppressed)
+
+    async def complaint(self, who: Attribution, source: str, detail: str = "") -> bool:
+        """A spam complaint: suppressed for good, at once; answers whether it was new."""
+        new = await self._store.add(who.recipient, GLOBAL, "complaint", source, detail=detail)
+        self._counters.add("complaint", who.group)
+        self._metrics.complaints.labels(who.group).inc()
+        log.info(
+            "complaint rcpt=%s group=%s new=%s msg=%s via=%s source=%s",
+            who.recipient,
+            who.group,
+            new,
+            who.message or "-",
+            who.via,
+            source,
+        )
+        return new

@@ -1,0 +1,1 @@
+"""The HTTP front end: the one-click endpoint, health, metrics and the admin API and dashboard."""

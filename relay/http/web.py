@@ -1,0 +1,203 @@
+"""The HTTP side: one-click unsubscribe (RFC 8058), its confirmation page, health, metrics.
+
+``POST /u/{token}`` is what Gmail, Yahoo and Apple Mail send when a person presses
+"Unsubscribe": it takes effect at once and answers 200, with no redirect, cookie
+or login. ``GET /u/{token}`` only shows a page with a button that POSTs: link
+scanners and prefetchers follow GETs, so a GET never changes anything.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import logging
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+from relay.config import Network
+from relay.errors import StoreUnavailable
+from relay.http.admin import AdminApi
+from relay.http.dashboard import PAGE_HEADERS
+from relay.mail.tokens import ExpiredToken, TokenError
+from relay.metrics import Metrics
+from relay.suppression.store import SuppressionStore
+from relay.suppression.unsubscribe import Unsubscriber
+
+log = logging.getLogger(__name__)
+
+ONE_CLICK_FIELD = "List-Unsubscribe"
+ONE_CLICK_VALUE = "One-Click"
+MAX_HEADERS = 64
+MAX_LINE = 4096
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
+color:#1d1d1f;line-height:1.5}}
+h1{{font-size:1.4rem}}
+button{{font-size:1rem;padding:.6rem 1.4rem;border:0;border-radius:.4rem;
+background:#1a5fb4;color:#fff;cursor:pointer}}
+.muted{{color:#666;font-size:.9rem}}
+</style></head>
+<body><h1>{title}</h1>{body}</body></html>
+"""
+
+
+def _page(title: str, body: str, status: int = 200) -> web.Response:
+    text = _PAGE.format(title=html.escape(title), body=body)
+    return web.Response(text=text, status=status, content_type="text/html", headers=PAGE_HEADERS)
+
+
+def _plain(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text + "\n", status=status, headers=PAGE_HEADERS)
+
+
+class WebApp:
+    def __init__(
+        self,
+        unsubscriber: Unsubscriber,
+        store: SuppressionStore,
+        metrics: Metrics,
+        trusted_proxies: tuple[Network, ...] = (),
+    ) -> None:
+        self.unsubscriber = unsubscriber
+        self._store = store
+        self._metrics = metrics
+        self._trusted = trusted_proxies
+
+    def build(self, max_body_size: int, admin: AdminApi | None = None) -> web.Application:
+        app = web.Application(
+            client_max_size=max_body_size,
+            middlewares=[admin.middleware] if admin is not None else [],
+        )
+        if admin is not None:
+            app.add_routes(admin.routes())
+            app.on_cleanup.append(admin.close)
+        app.add_routes(
+            [
+                web.post("/u/{token}", self.post_unsubscribe),
+                web.get("/u/{token}", self.get_unsubscribe),
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.metrics),
+            ]
+        )
+        return app
+
+    async def get_unsubscribe(self, request: web.Request) -> web.Response:
+        token = request.match_info["token"]
+        try:
+            claims = self.unsubscriber.inspect(token)
+        except TokenError as exc:
+            return self._refuse(exc, html_page=True)
+        name = html.escape(self.unsubscriber.list_name(claims))
+        address = html.escape(_mask(claims.recipient))
+        body = (
+            f"<p>Stop sending <strong>{name}</strong> to {address}?</p>"
+            '<form method="post">'
+            f'<input type="hidden" name="{ONE_CLICK_FIELD}" value="{ONE_CLICK_VALUE}">'
+            '<input type="hidden" name="via" value="page">'
+            "<button type=submit>Unsubscribe</button></form>"
+            '<p class="muted">Other mail, such as receipts and password resets, is not affected.'
+            "</p>"
+        )
+        return _page("Unsubscribe", body)
+
+    async def post_unsubscribe(self, request: web.Request) -> web.Response:
+        token = request.match_info["token"]
+        try:
+            form = await _read_form(request)
+        except ValueError as exc:
+            self._metrics.http_rejected.labels("400").inc()
+            return _plain(f"Bad request: {exc}", 400)
+        via_page = form.get("via") == "page"
+        if form and form.get(ONE_CLICK_FIELD) != ONE_CLICK_VALUE:
+            self._metrics.http_rejected.labels("400").inc()
+            return _plain("Bad request: expected List-Unsubscribe=One-Click", 400)
+        channel = "page" if via_page else ("post-empty" if not form else "post")
+        try:
+            done = await self.unsubscriber.unsubscribe(
+                token,
+                channel,
+                user_agent=request.headers.get("User-Agent", ""),
+                client=self.client_address(request),
+            )
+        except TokenError as exc:
+            return self._refuse(exc, html_page=via_page)
+        except StoreUnavailable:
+            self._metrics.http_rejected.labels("503").inc()
+            log.warning("unsubscribe deferred: suppression store unavailable")
+            return _plain("Service temporarily unavailable, please try again later.", 503)
+        name = self.unsubscriber.list_name(done.claims)
+        if via_page:
+            return _page(
+                "Unsubscribed",
+                f"<p>{html.escape(_mask(done.claims.recipient))} will no longer receive"
+                f" <strong>{html.escape(name)}</strong>.</p>",
+            )
+        return _plain(f"Unsubscribed from {name}.")
+
+    def client_address(self, request: web.Request) -> str:
+        """The peer, or behind a trusted proxy the last untrusted X-Forwarded-For hop."""
+        remote = request.remote or ""
+        if not self._trusted or not _in(remote, self._trusted):
+            return remote
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+        for hop in reversed([h for h in hops if h]):
+            if not _in(hop, self._trusted):
+                return hop
+        return remote
+
+    def _refuse(self, exc: TokenError, *, html_page: bool) -> web.Response:
+        self._metrics.http_rejected.labels(str(exc.status)).inc()
+        log.info("unsubscribe refused status=%d reason=%s", exc.status, exc)
+        text = (
+            "This unsubscribe link has expired."
+            if isinstance(exc, ExpiredToken)
+            else "This unsubscribe link is not valid."
+        )
+        if html_page:
+            return _page("Link not valid", f"<p>{html.escape(text)}</p>", exc.status)
+        return _plain(text, exc.status)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if await self._store.ping():
+            return web.json_response({"status": "ok", "redis": "ok"})
+        return web.json_response({"status": "degraded", "redis": "unreachable"}, status=503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def _read_form(request: web.Request) -> dict[str, str]:
+    """The POST fields, urlencoded or multipart; an empty body gives an empty dict."""
+    if request.content_type == "multipart/form-data":
+        form = await request.post()
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+    body = await request.read()
+    if not body.strip():
+        return {}
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("body is not ASCII form data") from None
+    fields = parse_qs(text.strip(), keep_blank_values=True)
+    return {k: v[0] for k, v in fields.items()}
+
+
+def _in(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def _mask(address: str) -> str:
+    """``j***@example.com``: enough for a person to recognise, not to harvest."""
+    local, _, domain = address.rpartition("@")
+    return f"{local[:1]}***@{domain}" if local else address

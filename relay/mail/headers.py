@@ -1,0 +1,71 @@
+"""The header fields the relay writes: one-click unsubscribe, List-Id, trace and defaults."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
+
+from relay.config import GroupConfig
+from relay.mail.message import Header, Message
+
+LIST_HEADERS = ("list-unsubscribe", "list-unsubscribe-post")
+ONE_CLICK = "List-Unsubscribe=One-Click"
+_HTTPS_URI = re.compile(r"<(https://[^>\s]+)>")
+
+
+def unsubscribe_url(public_url: str, token: str) -> str:
+    return f"{public_url}/u/{token}"
+
+
+def one_click_headers(
+    url: str, group: GroupConfig | None, token: str, mailto: str | None = None
+) -> list[Header]:
+    """``List-Unsubscribe`` (HTTPS first, then mailto) and ``-Post``.
+
+    The mailto address is the group's own (``policy.groups.*.mailto``), else ``mailto``
+    (``unsubscribe.mailto_domain``); the token goes in the subject either way.
+    """
+    uris = [f"<{url}>"]
+    address = group.mailto if group is not None and group.mailto else mailto
+    if address:
+        uris.append(f"<mailto:{address}?subject=unsubscribe%20{token}>")
+    fields = [
+        Header.build("List-Unsubscribe", ", ".join(uris)),
+        Header.build("List-Unsubscribe-Post", ONE_CLICK),
+    ]
+    if group is not None and group.list_id:
+        fields.append(Header.build("List-Id", group.list_id))
+    return fields
+
+
+def app_https_unsubscribe(message: Message) -> str | None:
+    """The HTTPS URI of an application's own List-Unsubscribe, if it set exactly one field."""
+    fields = message.get_all("List-Unsubscribe")
+    if len(fields) != 1:
+        return None
+    m = _HTTPS_URI.search(fields[0].value)
+    return m.group(1) if m else None
+
+
+def received(helo: str, client_ip: str, hostname: str, queue_id: str, now: float) -> Header:
+    """The RFC 5321 4.4 trace field this hop adds."""
+    helo = "".join(ch for ch in helo if ch.isalnum() or ch in ".-[]:")[:255] or "unknown"
+    value = (
+        f"from {helo} ([{client_ip}]) by {hostname} (oneclick-relay) with ESMTP id {queue_id};"
+        f" {formatdate(now, localtime=False, usegmt=True)}"
+    )
+    return Header.build("Received", value)
+
+
+def missing_defaults(message: Message, hostname: str, now: float | None = None) -> list[Header]:
+    """Date and Message-ID when the application left them out (as Postfix's cleanup does)."""
+    added = []
+    if not message.has("Date"):
+        moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+        added.append(Header.build("Date", format_datetime(moment)))
+    if not message.has("Message-ID"):
+        added.append(Header.build("Message-ID", f"<{uuid.uuid4().hex}@{hostname}>"))
+    return added

@@ -1,0 +1,400 @@
+"""The steps for one message, in order: check → modify → sign → deliver.
+
+::
+
+    parse header block ─ From ─ classify ─ suppression lookup      (once per message)
+        ─ Received / Date / Message-ID, strip the application's List-* (once)
+        ─ body hash                                                 (once)
+        ─ per copy: token → List-Unsubscribe headers → DKIM sign    (marketing: per recipient)
+        ─ deliver over the pool ─ one reply for the client
+
+Signing is always the last change to a copy. The client gets ``250`` only when
+the upstream accepted (or, after a partial success, when the deferred copies are
+safely in the Redis retry queue); otherwise a 4xx it can retry or the upstream's
+5xx. Every outcome is one log line and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from prometheus_client import Histogram
+
+from relay.config import Config
+from relay.errors import SmtpError, SmtpReply, StoreUnavailable, TempFail
+from relay.feedback.bounces import Classifier
+from relay.feedback.record import Attribution, Feedback
+from relay.mail import headers
+from relay.mail.address import domain_of
+from relay.mail.dkim import DkimKey, Signer, body_hash
+from relay.mail.message import Header, Message, from_address
+from relay.mail.tokens import TokenCodec
+from relay.mail.verp import Verp
+from relay.metrics import Metrics
+from relay.model import Envelope, Route
+from relay.outbound.policy import Policy
+from relay.outbound.retry import RetryQueue
+from relay.outbound.upstream import Outbound, Upstream
+from relay.suppression.report import DailyCounters
+from relay.suppression.store import Lookup, SuppressionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Copy:
+    recipients: tuple[str, ...]
+    data: bytes
+    mail_from: str
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the per-message log line says."""
+
+    queue_id: str
+    message_id: str = "-"
+    sender: str = "-"
+    route: Route | None = None
+    kept: int = 0
+    suppressed: int = 0
+    signed: str = "-"
+    replies: dict[str, SmtpReply] = field(default_factory=dict)
+    queued: int = 0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        policy: Policy,
+        store: SuppressionStore,
+        tokens: TokenCodec,
+        signer: Signer,
+        upstream: Upstream,
+        retry: RetryQueue,
+        metrics: Metrics,
+        counters: DailyCounters,
+        clock: Callable[[], float] = time.time,
+        verp: Verp | None = None,
+        feedback: Feedback | None = None,
+    ) -> None:
+        """``verp``: per-copy return paths; ``feedback``: judge the upstream's refusals."""
+        self._verp = verp
+        self._feedback = feedback
+        self._classifier = Classifier(config.bounces.classify)
+        self._config = config
+        self._policy = policy
+        self._store = store
+        self._tokens = tokens
+        self._signer = signer
+        self._upstream = upstream
+        self._retry = retry
+        self._metrics = metrics
+        self._counters = counters
+        self._clock = clock
+        self._stages: dict[str, Histogram] = {}
+
+    async def handle(self, envelope: Envelope) -> SmtpReply:
+        started = time.perf_counter()
+        trace = Trace(queue_id=uuid.uuid4().hex[:12].upper())
+        try:
+            reply = await self._run(envelope, trace)
+        except SmtpError as exc:
+            reply = exc.reply
+        self._record(envelope, trace, reply, (time.perf_counter() - started) * 1000)
+        return reply
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            child = self._stages.get(name)
+            if child is None:
+                child = self._stages[name] = self._metrics.stage.labels(name)
+            child.observe(time.perf_counter() - started)
+
+    async def _run(self, envelope: Envelope, trace: Trace) -> SmtpReply:
+        with self._stage("parse"):
+            message = Message.parse(envelope.data)
+            sender = from_address(message)
+            trace.sender = sender
+            route = self._policy.classify(sender)
+            trace.route = route
+
+        with self._stage("suppression"):
+            lookup = await self._lookup(envelope.rcpt_tos, route)
+            blocked = lookup.blocked
+        kept = tuple(r for r in envelope.rcpt_tos if r not in blocked)
+        trace.kept, trace.suppressed = len(kept), len(blocked)
+        for rcpt, entry in blocked.items():
+            self._metrics.dropped.labels(entry.reason).inc()
+            log.info(
+                "suppressed id=%s rcpt=%s scope=%s reason=%s",
+                trace.queue_id,
+                rcpt,
+                entry.scope,
+                entry.reason,
+            )
+        if not kept:
+            return SmtpReply(
+                250,
+                "2.0.0",
+                f"Ok: nothing sent, all {len(blocked)} recipient(s) suppressed id={trace.queue_id}",
+            )
+
+        with self._stage("modify"):
+            base = self._modify(message, envelope, route, trace.queue_id)
+            ids = base.get_all("Message-ID")
+            trace.message_id = ids[0].value if ids else "-"
+            keys = self._signer.keys_for(domain_of(sender))
+            if not keys:
+                self._metrics.unsigned.labels(route.message_class).inc()
+                if route.is_marketing and self._config.dkim.require_for_marketing:
+                    raise TempFail(
+                        "4.7.5", f"no DKIM key for {domain_of(sender)}; marketing mail not sent"
+                    )
+            trace.signed = ",".join(f"{k.selector}/{k.algorithm}" for k in keys) or "unsigned"
+            bh = body_hash(base.body) if keys else b""
+            copies = self._copies(base, kept, route, keys, bh, envelope.mail_from, trace.queue_id)
+
+        with self._stage("upstream"):
+            trace.replies, deferred = await self._deliver(copies, len(kept))
+        with self._stage("bounces"):
+            await self._judge(trace, lookup, route)
+        return await self._answer(envelope, deferred, trace)
+
+    async def _lookup(self, rcpts: tuple[str, ...], route: Route) -> Lookup:
+        try:
+            return await self._store.lookup(rcpts, route)
+        except StoreUnavailable as exc:
+            action = self._config.redis.on_error.for_class(route.message_class)
+            self._metrics.redis_errors.labels(action).inc()
+            log.warning("suppression lookup failed error=%s action=%s", exc, action)
+            if action == "tempfail":
+                raise TempFail("4.3.0", "suppression list unavailable, try again later") from None
+            return Lookup({}, {})
+
+    def _return_path(self, mail_from: str, rcpt: str, group: str | None, queue_id: str) -> str:
+        """The copy's envelope sender: a VERP address, unless off or a null reverse path."""
+        if self._verp is None or not mail_from:
+            return mail_from
+        return self._verp.address(rcpt, group, queue_id, self._clock())
+
+    async def _judge(self, trace: Trace, lookup: Lookup, route: Route) -> None:
+        """Successes end failure streaks; the upstream's RCPT refusals are classified.
+
+        A permanent refusal is a final failure, counted like a bounce; a temporary one
+        is only counted as a deferral (the message lives on in the client or the retry
+        queue, whose expiry is the final failure).
+        """
+        delivered = {
+            r: s
+            for r, s in lookup.streaks.items()
+            if r in trace.replies and trace.replies[r].is_success
+        }
+        group = route.group or "-"
+        try:
+            await self._store.note_delivered(delivered, trace.queue_id[:4])
+            for rcpt, reply in trace.replies.items():
+                if reply.stage != "rcpt" or reply.is_success:
+                    continue
+                kind = self._classifier.kind(reply.enhanced)
+                if reply.is_temporary:
+                    self._metrics.deferrals.labels(kind).inc()
+                elif self._feedback is not None:
+                    who = Attribution(rcpt, group, self._clock(), trace.queue_id[:4], "relay")
+                    await self._feedback.failure(who, kind, reply.enhanced, "relay", reply.text)
+        except StoreUnavailable as exc:
+            log.warning("bounce bookkeeping skipped id=%s error=%s", trace.queue_id, exc)
+
+    def _modify(self, message: Message, envelope: Envelope, route: Route, queue_id: str) -> Message:
+        """Changes shared by every copy: trace, missing defaults, no stale List-* fields."""
+        hostname = self._config.smtp.hostname
+        now = self._clock()
+        remove: tuple[str, ...] = ()
+        if route.is_marketing:
+            remove = (
+                (*headers.LIST_HEADERS, "list-id") if not self._keeps_app(message, route) else ()
+            )
+        return message.replace(
+            remove=remove,
+            prepend=[headers.received(envelope.helo, envelope.client, hostname, queue_id, now)],
+            append=headers.missing_defaults(message, hostname, now),
+        )
+
+    @staticmethod
+    def _keeps_app(message: Message, route: Route) -> bool:
+        return route.keep_app_unsubscribe and headers.app_https_unsubscribe(message) is not None
+
+    def _copies(
+        self,
+        base: Message,
+        rcpts: tuple[str, ...],
+        route: Route,
+        keys: list[DkimKey],
+        bh: bytes,
+        mail_from: str,
+        queue_id: str,
+    ) -> Iterator[_Copy]:
+        """The signed copies to send, built one at a time as the delivery workers ask.
+
+        With VERP on, a copy shared by several recipients (transactional mail, an
+        application's own List-Unsubscribe) is signed once and sent once per recipient,
+        each with its own return path.
+        """
+        shared = None
+        if not route.is_marketing:
+            shared = self._sign(base, keys, bh)
+        elif self._keeps_app(base, route):
+            fixed = base.replace(
+                remove=("list-unsubscribe-post",),
+                append=[Header.build("List-Unsubscribe-Post", headers.ONE_CLICK)],
+            )
+            shared = self._sign(fixed, keys, bh)
+        if shared is not None:
+            if self._verp is None or not mail_from:
+                yield _Copy(rcpts, shared, mail_from)
+                return
+            for rcpt in rcpts:
+                yield _Copy(
+                    (rcpt,), shared, self._return_path(mail_from, rcpt, route.group, queue_id)
+                )
+            return
+        group_name = route.group or self._policy.config.default_group
+        group = self._policy.config.groups.get(group_name)
+        public_url = self._config.http.public_url
+        sender = route.sender if route.unsubscribe_scope == "sender" else None
+        for rcpt in rcpts:
+            token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
+            url = headers.unsubscribe_url(public_url, token)
+            fields = headers.one_click_headers(
+                url, group, token, self._config.unsubscribe.mailto_address
+            )
+            personal = base.replace(prepend=fields)
+            return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
+            yield _Copy((rcpt,), self._sign(personal, keys, bh), return_path)
+
+    def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> bytes:
+        if not keys:
+            return message.to_bytes()
+        with self._stage("sign"):
+            signatures = self._signer.sign(message, keys, bh)
+        return b"".join(h.raw for h in signatures) + message.to_bytes()
+
+    async def _deliver(
+        self, copies: Iterator[_Copy], recipients: int
+    ) -> tuple[dict[str, SmtpReply], dict[str, _Copy]]:
+        """All copies over the pool, at most ``upstream.connections`` at a time.
+
+        Copies are built lazily, so a 1,000-recipient newsletter never holds 1,000
+        signed copies in memory; only deferred copies are kept, for the retry queue.
+        Answers the reply per recipient and each deferred recipient's copy.
+        """
+        replies: dict[str, SmtpReply] = {}
+        deferred: dict[str, _Copy] = {}
+
+        async def worker() -> None:
+            for copy in copies:
+                out = Outbound(copy.mail_from, copy.recipients, copy.data)
+                result = await self._upstream.send(out)
+                replies.update(result)
+                for rcpt, reply in result.items():
+                    if reply.is_temporary:
+                        deferred[rcpt] = copy
+
+        workers = min(recipients, self._upstream.connections)
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        for reply in replies.values():
+            self._metrics.upstream_replies.labels(f"{reply.code // 100}xx").inc()
+        return replies, deferred
+
+    async def _answer(
+        self, envelope: Envelope, deferred_copies: dict[str, _Copy], trace: Trace
+    ) -> SmtpReply:
+        replies = trace.replies
+        accepted = [r for r, reply in replies.items() if reply.is_success]
+        deferred = [r for r, reply in replies.items() if reply.is_temporary]
+        refused = [r for r, reply in replies.items() if reply.is_permanent]
+        if not accepted:
+            return next((replies[r] for r in deferred), None) or replies[refused[0]]
+        if deferred:
+            try:
+                for rcpt in deferred:
+                    copy = deferred_copies[rcpt]
+                    await self._retry.put(copy.mail_from, rcpt, copy.data, str(replies[rcpt]))
+                    self._metrics.retry.labels("queued").inc()
+            except StoreUnavailable:
+                log.error(
+                    "retry queue unavailable id=%s; answering 451, %d accepted copies"
+                    " may be sent again when the client retries",
+                    trace.queue_id,
+                    len(accepted),
+                )
+                return SmtpReply(451, "4.3.0", "temporary failure queuing deferred recipients")
+            trace.queued = len(deferred)
+        parts = [f"delivered {len(accepted)}"]
+        if deferred:
+            parts.append(f"queued {len(deferred)}")
+        if refused:
+            parts.append(f"refused {len(refused)}")
+        if trace.suppressed:
+            parts.append(f"suppressed {trace.suppressed}")
+        return SmtpReply(250, "2.0.0", f"Ok: {', '.join(parts)} id={trace.queue_id}")
+
+    def _record(self, envelope: Envelope, trace: Trace, reply: SmtpReply, ms: float) -> None:
+        route = trace.route
+        message_class = route.message_class if route else "unknown"
+        replies = trace.replies
+        delivered = sum(1 for r in replies.values() if r.is_success)
+        refused = sum(1 for r in replies.values() if r.is_permanent)
+        if not reply.is_success:
+            outcome = "tempfail" if reply.is_temporary else "permfail"
+            if route is None:
+                outcome = "rejected"
+        elif not replies:
+            outcome = "suppressed"
+        elif delivered == len(replies):
+            outcome = "delivered"
+        else:
+            outcome = "partial"
+        self._metrics.messages.labels(message_class, outcome).inc()
+        if delivered:
+            self._counters.add("sent", route.group if route else None, delivered)
+        for name, count in (
+            ("delivered", delivered),
+            ("queued", trace.queued),
+            ("refused", refused),
+            ("suppressed", trace.suppressed),
+        ):
+            if count:
+                self._metrics.recipients.labels(message_class, name).inc(count)
+        for rcpt, r in replies.items():
+            if not r.is_success:
+                log.info("recipient id=%s rcpt=%s reply=%s", trace.queue_id, rcpt, r)
+        log.info(
+            "message id=%s msgid=%s from=%s class=%s group=%s rcpts=%d kept=%d suppressed=%d"
+            " copies=%d dkim=%s reply=%s enhanced=%s ms=%.1f",
+            trace.queue_id,
+            trace.message_id,
+            trace.sender,
+            message_class,
+            (route.group if route else None) or "-",
+            len(envelope.rcpt_tos),
+            trace.kept,
+            trace.suppressed,
+            len(replies) if route and route.is_marketing else min(1, len(replies)),
+            trace.signed,
+            reply.code,
+            reply.enhanced,
+            ms,
+        )

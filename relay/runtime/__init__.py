@@ -1,0 +1,1 @@
+"""Composition root, workers, signals, logs: builds the parts once and closes them in reverse."""

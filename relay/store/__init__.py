@@ -1,0 +1,1 @@
+"""The only package that speaks to Redis: the client, the embedded server, errors mapped once."""

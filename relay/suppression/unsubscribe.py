@@ -1,0 +1,82 @@
+"""Honouring an unsubscribe: verify the token, write the suppression, count and log it.
+
+Shared by every channel (the one-click POST, the confirmation page, and mail to
+the mailto address) so they behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from relay.config import PolicyConfig
+from relay.mail.tokens import TokenClaims, TokenCodec
+from relay.metrics import Metrics
+from relay.suppression.report import DailyCounters
+from relay.suppression.store import SuppressionStore, scopes_for_unsubscribe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    claims: TokenClaims
+    list_name: str
+    new: bool
+    """False when the address was already unsubscribed (the request is idempotent)."""
+
+
+class Unsubscriber:
+    def __init__(
+        self,
+        tokens: TokenCodec,
+        store: SuppressionStore,
+        policy: PolicyConfig,
+        metrics: Metrics,
+        counters: DailyCounters,
+    ) -> None:
+        self._counters = counters
+        self._tokens = tokens
+        self._store = store
+        self._policy = policy
+        self._metrics = metrics
+
+    def inspect(self, token: str) -> TokenClaims:
+        """Verify without changing anything (raises ``TokenError``)."""
+        return self._tokens.verify(token)
+
+    def list_name(self, claims: TokenClaims) -> str:
+        group = self._policy.groups.get(claims.group)
+        if claims.scope == "all_marketing":
+            return "all our marketing mail"
+        if claims.scope == "sender" and claims.sender:
+            return f"mail from {claims.sender}"
+        return group.display_name if group else claims.group
+
+    async def unsubscribe(
+        self, token: str, channel: str, user_agent: str = "", client: str = ""
+    ) -> Unsubscribed:
+        """Write the suppression; the time taken is the dashboard's click-to-suppression."""
+        started = time.perf_counter()
+        claims = self._tokens.verify(token)
+        scope = scopes_for_unsubscribe(claims.scope, claims.group, claims.sender)
+        detail = f"ua={user_agent[:120]!r} ip={self._tokens.fingerprint(client)}" if client else ""
+        new = await self._store.add(
+            claims.recipient, scope, "unsubscribe", source=channel, detail=detail
+        )
+        self._metrics.observe_unsubscribe(time.perf_counter() - started)
+        self._metrics.unsubscribes.labels(claims.group, channel).inc()
+        if new:
+            self._counters.add("unsubscribe", claims.group)
+        log.info(
+            "unsubscribe rcpt=%s scope=%s channel=%s new=%s key=%s issued=%d %s",
+            claims.recipient,
+            scope,
+            channel,
+            new,
+            claims.key_id,
+            claims.issued,
+            detail,
+        )
+        return Unsubscribed(claims, self.list_name(claims), new)
