@@ -75,6 +75,18 @@ class Metrics:
             ["code", "enhanced"],
             registry=r,
         )
+        self.esp_events = Counter(
+            "oneclick_esp_events",
+            "ESP webhook events, by provider, meaning and outcome (processed, duplicate).",
+            ["provider", "meaning", "outcome"],
+            registry=r,
+        )
+        self.esp_requests = Counter(
+            "oneclick_esp_requests",
+            "ESP webhook requests, by provider and outcome (accepted, unauthenticated, ...).",
+            ["provider", "outcome"],
+            registry=r,
+        )
         self.upstream_replies = Counter(
             "oneclick_upstream_replies",
             "Replies from the upstream MTA per recipient, by code class.",

@@ -22,11 +22,14 @@ import yaml
 from relay.config.schema import (
     DEFAULT_CONFIG_ENV,
     DEFAULT_TOKEN_MAX_AGE_DAYS,
+    ESP_PROVIDERS,
     BouncesConfig,
     BounceThresholds,
     Config,
     DkimConfig,
     DkimKeyConfig,
+    EspProvider,
+    EspWebhookConfig,
     EventsConfig,
     GroupConfig,
     HostPort,
@@ -671,6 +674,72 @@ def _check_inbound(config: Config) -> None:
         raise ConfigError("bounces.listen", "must differ from smtp.listen")
 
 
+_TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$")
+
+
+def _topic_arn(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not _TOPIC_ARN.match(text):
+        raise ConfigError(key, f"not an SNS topic ARN: {text!r}")
+    return text
+
+
+def _read_esp_webhooks(top: _Section) -> tuple[EspWebhookConfig, ...]:
+    """``esp_webhooks:``, a list with one entry per provider; each names its credentials."""
+    entries: list[EspWebhookConfig] = []
+    needs = {
+        "ses": "topic_arns",
+        "sendgrid": "public_key_file",
+        "mailgun": "signing_key_file",
+        "postmark": "basic_auth_file",
+    }
+    for item, key in top.items("esp_webhooks"):
+        s = top.child(item, key)
+        provider: EspProvider = s.require("provider", _choice(*ESP_PROVIDERS))
+        if any(e.provider == provider for e in entries):
+            raise ConfigError(s.key("provider"), f"{provider} is configured twice")
+        allowed = {"provider", needs[provider], "groups", "max_skew"}
+        if provider == "ses":
+            allowed.add("signing_cert_file")
+        if provider in ("mailgun", "postmark"):
+            allowed.add(needs[provider].replace("_file", "_env"))
+        for name in s.raw:
+            if name not in allowed:
+                raise ConfigError(s.key(name), f"unknown key for provider {provider}")
+        groups: dict[str, str] = {}
+        g = s.section("groups")
+        for name in list(g.raw):
+            groups[str(name)] = g.require(name, _group_name)
+        g.done()
+        entry = EspWebhookConfig(
+            provider=provider,
+            topic_arns=tuple(_topic_arn(v, k) for v, k in s.items("topic_arns")),
+            signing_cert_pem=s.file("signing_cert_file").read_bytes()
+            if s.has("signing_cert_file")
+            else None,
+            public_key=s.file("public_key_file").read_bytes().strip()
+            if provider == "sendgrid"
+            else None,
+            signing_key=_secret_from(s, "signing_key", required=True)
+            if provider == "mailgun"
+            else None,
+            basic_auth=_secret_from(s, "basic_auth", required=True)
+            if provider == "postmark"
+            else None,
+            groups=groups,
+            max_skew=s.get("max_skew", 300.0, _seconds),
+            key=key,
+        )
+        s.used.update(s.raw)
+        s.done()
+        if provider == "ses" and not entry.topic_arns:
+            raise ConfigError(s.key("topic_arns"), "at least one SNS topic ARN is required")
+        if entry.basic_auth is not None and b":" not in entry.basic_auth.reveal():
+            raise ConfigError(s.key("basic_auth_file"), "expected user:password")
+        entries.append(entry)
+    return tuple(entries)
+
+
 def parse_config(raw: object, source: Path | None = None) -> Config:
     """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
     base = source.parent if source is not None else Path.cwd()
@@ -692,6 +761,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         bounces=_read_bounces(top.section("bounces")),
         unsubscribe=_read_unsubscribe(top.section("unsubscribe")),
         log=_read_log(top.section("log")),
+        esp_webhooks=_read_esp_webhooks(top),
         source=source,
     )
     top.done()

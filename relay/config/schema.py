@@ -283,6 +283,32 @@ class UnsubscribeConfig:
         return f"{self.mailto_local_part}@{self.mailto_domain}" if self.mailto_domain else None
 
 
+EspProvider = Literal["ses", "sendgrid", "mailgun", "postmark"]
+ESP_PROVIDERS: tuple[EspProvider, ...] = ("ses", "sendgrid", "mailgun", "postmark")
+
+
+@dataclass(frozen=True, slots=True)
+class EspWebhookConfig:
+    """One ``esp_webhooks`` entry: how ``POST /hooks/{provider}`` is authenticated."""
+
+    provider: EspProvider
+    topic_arns: tuple[str, ...] = ()
+    """ses: the SNS topics whose messages are taken (an allow-list; required)."""
+    signing_cert_pem: bytes | None = None
+    """ses: a pinned SNS signing certificate; None fetches ``SigningCertURL`` (HTTPS, SNS hosts)."""
+    public_key: bytes | None = None
+    """sendgrid: the Event Webhook's ECDSA P-256 verification key (PEM or base64 DER)."""
+    signing_key: Secret | None = None
+    """mailgun: the HTTP webhook signing key (HMAC-SHA256)."""
+    basic_auth: Secret | None = None
+    """postmark: ``user:password`` the webhook URL carries."""
+    groups: Mapping[str, str] = field(default_factory=dict)
+    """Provider unsubscribe group (SendGrid ASM group id) -> our group."""
+    max_skew: float = 300.0
+    """sendgrid, mailgun: how far a signed timestamp may be from now, in seconds."""
+    key: str = "esp_webhooks"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig
@@ -298,4 +324,5 @@ class Config:
     bounces: BouncesConfig = BouncesConfig()
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
     log: LogConfig = LogConfig()
+    esp_webhooks: tuple[EspWebhookConfig, ...] = ()
     source: Path | None = None

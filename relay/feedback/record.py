@@ -66,18 +66,31 @@ class Feedback:
         self._metrics = metrics
 
     async def failure(
-        self, who: Attribution, kind: BounceKind, status: str, source: str, detail: str = ""
+        self,
+        who: Attribution,
+        kind: BounceKind,
+        status: str,
+        source: str,
+        detail: str = "",
+        *,
+        entry_source: str = "bounce",
     ) -> FailureOutcome:
-        """A final delivery failure: count it; suppress at the kind's threshold."""
+        """A final delivery failure: count it; suppress at the kind's threshold.
+
+        ``source`` is where the failure was seen (for logs and metrics), ``entry_source``
+        what the suppression entry records.
+        """
         count = await self._store.record_failure(who.recipient, kind, who.sent, who.message)
         threshold = self._thresholds.of(kind)
         suppressed = bool(threshold) and count >= threshold
         note = f"{status} {kind} {count}x via={who.via} msg={who.message or '-'} {detail}".strip()
         if suppressed:
             if kind == "hard":
-                await self._store.add(who.recipient, GLOBAL, "hard-bounce", "bounce", detail=note)
+                await self._store.add(
+                    who.recipient, GLOBAL, "hard-bounce", entry_source, detail=note
+                )
             else:
-                await self._store.record_soft_bounce(who.recipient, "bounce", note)
+                await self._store.record_soft_bounce(who.recipient, entry_source, note)
             await self._store.reset_streak(who.recipient, kind)
         self._counters.add(f"{kind}-bounce", who.group)
         self._metrics.bounces.labels(kind, source).inc()

@@ -19,6 +19,7 @@ from relay.config import Network
 from relay.errors import StoreUnavailable
 from relay.http.admin import AdminApi
 from relay.http.dashboard import PAGE_HEADERS
+from relay.http.hooks import EspHooks
 from relay.mail.tokens import ExpiredToken, TokenError
 from relay.metrics import Metrics
 from relay.suppression.store import SuppressionStore
@@ -70,7 +71,9 @@ class WebApp:
         self._metrics = metrics
         self._trusted = trusted_proxies
 
-    def build(self, max_body_size: int, admin: AdminApi | None = None) -> web.Application:
+    def build(
+        self, max_body_size: int, admin: AdminApi | None = None, hooks: EspHooks | None = None
+    ) -> web.Application:
         app = web.Application(
             client_max_size=max_body_size,
             middlewares=[admin.middleware] if admin is not None else [],
@@ -78,6 +81,9 @@ class WebApp:
         if admin is not None:
             app.add_routes(admin.routes())
             app.on_cleanup.append(admin.close)
+        if hooks is not None:
+            app.add_routes(hooks.routes())
+            app.on_cleanup.append(hooks.close)
         app.add_routes(
             [
                 web.post("/u/{token}", self.post_unsubscribe),

@@ -23,9 +23,11 @@ from aiohttp import web
 from relay.config import Config, SmtpTlsConfig, load_config
 from relay.errors import ConfigError
 from relay.feedback.bounces import Classifier
+from relay.feedback.esp.intake import EspIntake
 from relay.feedback.intake import Intake
 from relay.feedback.record import Feedback
 from relay.http.admin import AdminApi
+from relay.http.hooks import EspHooks
 from relay.http.web import MAX_HEADERS, MAX_LINE, WebApp
 from relay.inbound.listener import InboundHandler, start_listener
 from relay.mail.dkim import Signer
@@ -47,6 +49,7 @@ from relay.store.client import RedisClient
 from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError
 from relay.store.inbound import InboundLog
 from relay.store.keys import Keys
+from relay.store.ledger import Ledger
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionPolicy, SuppressionStore
 from relay.suppression.unsubscribe import Unsubscriber
@@ -114,6 +117,7 @@ class Relay:
         self.retry_worker: RetryWorker | None = None
         self.smtp_port = 0
         self.http_port = 0
+        self.esp_intake: EspIntake | None = None
 
     @property
     def counters(self) -> DailyCounters:
@@ -179,7 +183,9 @@ class Relay:
             else None
         )
         self._web_runner = web.AppRunner(
-            self._web.build(config.http.max_body_size, admin),
+            self._web.build(
+                config.http.max_body_size, admin, self._esp_hooks(config, unsubscriber)
+            ),
             access_log=None,
             handle_signals=False,
             max_headers=MAX_HEADERS,
@@ -274,6 +280,22 @@ class Relay:
             verp=parts.verp,
             metrics=self.metrics,
         )
+
+    def _esp_hooks(self, config: Config, unsubscriber: Unsubscriber) -> EspHooks | None:
+        if not config.esp_webhooks:
+            return None
+        assert self._feedback is not None and self._counters is not None
+        assert self.store is not None and self._redis is not None
+        intake = EspIntake(
+            feedback=self._feedback,
+            store=self.store,
+            unsubscriber=unsubscriber,
+            counters=self._counters,
+            ledger=Ledger(self._redis, Keys(config.redis.key_prefix)),
+            metrics=self.metrics,
+        )
+        self.esp_intake = intake
+        return EspHooks(config.esp_webhooks, intake, self.metrics)
 
     def _retry_judge(self, config: Config, parts: _Parts) -> RetryJudge:
         assert self._feedback is not None

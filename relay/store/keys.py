@@ -12,6 +12,7 @@ the tag ``{queue}`` so its Lua scripts touch one slot::
     {prefix}:inbound                  ZSET    inbound message id -> received time
     {prefix}:inbound:{<id>}           HASH    one inbound message, kept bounces.keep_days
     {prefix}:daily:<YYYY-MM-DD>       HASH    the day's counters, per metric and group
+    {prefix}:seen:<namespace>:<hash>  STRING  an id acted on once (webhook events), expiring
 """
 
 from __future__ import annotations
@@ -55,3 +56,6 @@ class Keys:
 
     def daily(self, day: str) -> str:
         return f"{self.prefix}:daily:{day}"
+
+    def seen(self, namespace: str, digest: str) -> str:
+        return f"{self.prefix}:seen:{namespace}:{digest}"
