@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from typing import Literal
 
 from relay.config import Config
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.feedback.bounces import (
     Classifier,
     Inbound,
@@ -47,7 +47,7 @@ from relay.store.inbound import InboundLog
 from relay.suppression.store import SuppressionStore
 from relay.suppression.unsubscribe import Unsubscriber
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 Role = Literal["bounce", "unsubscribe"]
 
@@ -141,15 +141,15 @@ class Intake:
             await self._note_outcome(inbound_id, result)
         self._metrics.inbound.labels(result.kind, result.outcome).inc()
         log.info(
-            "inbound id=%s source=%s kind=%s detector=%s outcome=%s from=%s msgid=%s %s",
-            result.id,
-            source,
-            result.kind,
-            report.detector or "-",
-            result.outcome,
-            report.sender or "-",
-            report.message_id[:200] or "-",
-            result.detail,
+            "inbound",
+            id=result.id,
+            source=source,
+            kind=result.kind,
+            detector=report.detector or None,
+            outcome=result.outcome,
+            **{"from": report.sender or None},
+            msgid=report.message_id[:200] or None,
+            detail=result.detail or None,
         )
         return result
 
@@ -175,7 +175,7 @@ class Intake:
             await self._records.forget(inbound_id)
         except StoreUnavailable:
             log.warning(
-                "inbound id=%s could not be forgotten; a retry counts as duplicate", inbound_id
+                "inbound not forgotten", id=inbound_id, effect="a retry counts as duplicate"
             )
 
     async def _note_outcome(self, inbound_id: str, result: Result) -> None:
@@ -184,7 +184,7 @@ class Intake:
                 inbound_id, result.kind, f"{result.outcome} {result.detail}"
             )
         except StoreUnavailable as exc:
-            log.warning("inbound id=%s outcome not stored error=%s", inbound_id, exc)
+            log.warning("inbound outcome not stored", id=inbound_id, error=exc)
 
     # -- mailto unsubscribe ----------------------------------------------------
 
@@ -216,7 +216,7 @@ class Intake:
         try:
             claims = self._verp_claims(recipients, report, stated)
         except ForgedCode as exc:
-            log.warning("inbound id=%s forged return path: %s", inbound_id, exc)
+            log.warning("inbound forged return path", id=inbound_id, error=exc)
             return Result(inbound_id, report.kind, "forged", f"error={exc}")
         token = self._token_claims(report) if claims is None else None
         if report.complaint is not None:

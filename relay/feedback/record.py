@@ -18,16 +18,16 @@ complaint  complaint        ``complaint`` entry: never expires, removable only w
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from relay.config import BounceThresholds
+from relay.eventlog import EventLog
 from relay.metrics import Metrics
 from relay.model import BounceKind
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import GLOBAL, SuppressionStore
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,18 +95,17 @@ class Feedback:
         self._counters.add(f"{kind}-bounce", who.group)
         self._metrics.bounces.labels(kind, source).inc()
         log.info(
-            "bounce rcpt=%s kind=%s status=%s count=%d threshold=%s suppressed=%s group=%s"
-            " msg=%s via=%s source=%s",
-            who.recipient,
-            kind,
-            status,
-            count,
-            threshold or "never",
-            suppressed,
-            who.group,
-            who.message or "-",
-            who.via,
-            source,
+            "bounce",
+            rcpt=who.recipient,
+            kind=kind,
+            status=status,
+            count=count,
+            threshold=threshold or "never",
+            suppressed=suppressed,
+            group=who.group,
+            msg=who.message or "-",
+            via=who.via,
+            source=source,
         )
         return FailureOutcome(kind, count, threshold, suppressed)
 
@@ -116,12 +115,12 @@ class Feedback:
         self._counters.add("complaint", who.group)
         self._metrics.complaints.labels(who.group).inc()
         log.info(
-            "complaint rcpt=%s group=%s new=%s msg=%s via=%s source=%s",
-            who.recipient,
-            who.group,
-            new,
-            who.message or "-",
-            who.via,
-            source,
+            "complaint",
+            rcpt=who.recipient,
+            group=who.group,
+            new=new,
+            msg=who.message or "-",
+            via=who.via,
+            source=source,
         )
         return new

@@ -15,7 +15,6 @@ see ``relay/dashboard.py``.
 from __future__ import annotations
 
 import hmac
-import logging
 import time
 from datetime import UTC, date, datetime
 from typing import Any
@@ -24,6 +23,7 @@ from aiohttp import web
 
 from relay.config import Secret
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.http.dashboard import (
     PAGE_HEADERS,
     SESSION_COOKIE,
@@ -58,7 +58,7 @@ from relay.suppression.transfer import (
     stats,
 )
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 MAX_IMPORT_BYTES = 32 * 1024 * 1024
 DASHBOARD = "/admin/"
@@ -150,7 +150,7 @@ class AdminApi:
             response: web.StreamResponse = await handler(request)
             return response
         if not self._authorized(request):
-            log.warning("admin request refused path=%s client=%s", request.path, request.remote)
+            log.warning("admin request refused", path=request.path, client=request.remote)
             if request.path == DASHBOARD:
                 return _html(
                     render_login(),
@@ -196,9 +196,9 @@ class AdminApi:
         if not isinstance(supplied, str) or not hmac.compare_digest(
             supplied.strip().encode(), self._token
         ):
-            log.warning("admin login refused client=%s", request.remote)
+            log.warning("admin login refused", client=request.remote)
             return _html(render_login("That is not the admin token."), 401)
-        log.info("admin login client=%s", request.remote)
+        log.info("admin login", client=request.remote)
         response = _html("", 303, {"Location": "./"})
         response.set_cookie(
             SESSION_COOKIE,

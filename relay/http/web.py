@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import html
 import ipaddress
-import logging
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
 from relay.config import Network
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.http.admin import AdminApi
 from relay.http.dashboard import PAGE_HEADERS
 from relay.http.hooks import EspHooks
@@ -25,7 +25,7 @@ from relay.metrics import Metrics
 from relay.suppression.store import SuppressionStore
 from relay.suppression.unsubscribe import Unsubscriber
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 ONE_CLICK_FIELD = "List-Unsubscribe"
 ONE_CLICK_VALUE = "One-Click"
@@ -136,7 +136,7 @@ class WebApp:
             return self._refuse(exc, html_page=via_page)
         except StoreUnavailable:
             self._metrics.http_rejected.labels("503").inc()
-            log.warning("unsubscribe deferred: suppression store unavailable")
+            log.warning("unsubscribe deferred", reason="store unavailable", status=503)
             return _plain("Service temporarily unavailable, please try again later.", 503)
         name = self.unsubscriber.list_name(done.claims)
         if via_page:
@@ -160,7 +160,7 @@ class WebApp:
 
     def _refuse(self, exc: TokenError, *, html_page: bool) -> web.Response:
         self._metrics.http_rejected.labels(str(exc.status)).inc()
-        log.info("unsubscribe refused status=%d reason=%s", exc.status, exc)
+        log.info("unsubscribe refused", status=exc.status, reason=exc)
         text = (
             "This unsubscribe link has expired."
             if isinstance(exc, ExpiredToken)

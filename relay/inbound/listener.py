@@ -11,7 +11,6 @@ intake serves ``oneclick-relay ingest`` for an MTA that pipes mail to a command.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -19,10 +18,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import BouncesConfig
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.feedback.intake import Intake
 from relay.smtp.server import ShieldedTransactions, with_enhanced_code
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 class _EnhancedReplies:
@@ -54,7 +54,7 @@ class InboundHandler(ShieldedTransactions):
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if self.intake.addresses.role(address) is None:
-            log.info("inbound refused rcpt=%s reason=not-our-address", address[:254])
+            log.info("inbound refused", rcpt=address[:254], reason="not-our-address")
             return "550 5.7.1 this host only takes bounces and unsubscribe requests: relay denied"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"

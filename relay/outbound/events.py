@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import os
 import time
 import uuid
@@ -37,11 +36,12 @@ import aiohttp
 
 from relay.config import EventsConfig, NotifyConfig, WebhookConfig
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.metrics import Metrics
 from relay.outbound.upstream import Outbound, Upstream
 from relay.store.client import RedisClient, create_group, unavailable
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 Event = dict[str, str]
 Handler = Callable[[str, Event], Awaitable[bool]]
@@ -92,7 +92,7 @@ class StreamConsumer:
                     with unavailable("events"):
                         await self.run_once()
             except StoreUnavailable as exc:
-                log.warning("events %s: redis unavailable (%s)", self._group, exc)
+                log.warning("events redis unavailable", group=self._group, error=exc)
                 await asyncio.sleep(1)
 
     async def run_once(self) -> int:
@@ -146,7 +146,7 @@ class StreamConsumer:
         try:
             ok = await self._handler(event_id, event)
         except Exception:  # the receiver's failure must not stop the consumer
-            log.exception("events %s: handler failed id=%s", self._group, event_id)
+            log.exception("events handler failed", group=self._group, id=event_id)
             ok = False
         if ok:
             await self._redis.xack(self._stream, self._group, event_id)
@@ -178,10 +178,10 @@ class WebhookSender:
             async with self._session.post(self._config.url, data=body, headers=headers) as resp:
                 ok = 200 <= resp.status < 300
                 if not ok:
-                    log.warning("webhook id=%s status=%d", event_id, resp.status)
+                    log.warning("webhook", id=event_id, status=resp.status)
                 return ok
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("webhook id=%s error=%s", event_id, type(exc).__name__)
+            log.warning("webhook", id=event_id, error=type(exc).__name__)
             return False
 
     async def close(self) -> None:
@@ -221,7 +221,7 @@ class NotifyMailer:
         replies = await self._upstream.send(Outbound(self._config.sender, (self._config.to,), data))
         reply = replies[self._config.to]
         if reply.is_permanent:
-            log.error("notify mail refused id=%s reply=%s", event_id, reply)
+            log.error("notify mail refused", id=event_id, reply=reply)
             return True  # a permanent refusal will not get better by retrying
         return reply.is_success
 

@@ -17,7 +17,6 @@ safely in the Redis retry queue); otherwise a 4xx it can retry or the upstream's
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from prometheus_client import Histogram
 
 from relay.config import Config
 from relay.errors import SmtpError, SmtpReply, StoreUnavailable, TempFail
+from relay.eventlog import EventLog
 from relay.feedback.bounces import Classifier
 from relay.feedback.record import Attribution, Feedback
 from relay.mail import headers
@@ -44,7 +44,7 @@ from relay.outbound.upstream import Outbound, Upstream
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import Lookup, SuppressionStore
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 @dataclass(slots=True)
@@ -139,11 +139,11 @@ class Pipeline:
         for rcpt, entry in blocked.items():
             self._metrics.dropped.labels(entry.reason).inc()
             log.info(
-                "suppressed id=%s rcpt=%s scope=%s reason=%s",
-                trace.queue_id,
-                rcpt,
-                entry.scope,
-                entry.reason,
+                "suppressed",
+                id=trace.queue_id,
+                rcpt=rcpt,
+                scope=entry.scope,
+                reason=entry.reason,
             )
         if not kept:
             return SmtpReply(
@@ -179,7 +179,7 @@ class Pipeline:
         except StoreUnavailable as exc:
             action = self._config.redis.on_error.for_class(route.message_class)
             self._metrics.redis_errors.labels(action).inc()
-            log.warning("suppression lookup failed error=%s action=%s", exc, action)
+            log.warning("suppression lookup failed", error=exc, action=action)
             if action == "tempfail":
                 raise TempFail("4.3.0", "suppression list unavailable, try again later") from None
             return Lookup({}, {})
@@ -215,7 +215,7 @@ class Pipeline:
                     who = Attribution(rcpt, group, self._clock(), trace.queue_id[:4], "relay")
                     await self._feedback.failure(who, kind, reply.enhanced, "relay", reply.text)
         except StoreUnavailable as exc:
-            log.warning("bounce bookkeeping skipped id=%s error=%s", trace.queue_id, exc)
+            log.warning("bounce bookkeeping skipped", id=trace.queue_id, error=exc)
 
     def _modify(self, message: Message, envelope: Envelope, route: Route, queue_id: str) -> Message:
         """Changes shared by every copy: trace, missing defaults, no stale List-* fields."""
@@ -335,10 +335,11 @@ class Pipeline:
                     self._metrics.retry.labels("queued").inc()
             except StoreUnavailable:
                 log.error(
-                    "retry queue unavailable id=%s; answering 451, %d accepted copies"
-                    " may be sent again when the client retries",
-                    trace.queue_id,
-                    len(accepted),
+                    "retry queue unavailable",
+                    id=trace.queue_id,
+                    reply=451,
+                    accepted=len(accepted),
+                    effect="accepted copies may be sent again when the client retries",
                 )
                 return SmtpReply(451, "4.3.0", "temporary failure queuing deferred recipients")
             trace.queued = len(deferred)
@@ -380,21 +381,19 @@ class Pipeline:
                 self._metrics.recipients.labels(message_class, name).inc(count)
         for rcpt, r in replies.items():
             if not r.is_success:
-                log.info("recipient id=%s rcpt=%s reply=%s", trace.queue_id, rcpt, r)
+                log.info("recipient", id=trace.queue_id, rcpt=rcpt, reply=r)
         log.info(
-            "message id=%s msgid=%s from=%s class=%s group=%s rcpts=%d kept=%d suppressed=%d"
-            " copies=%d dkim=%s reply=%s enhanced=%s ms=%.1f",
-            trace.queue_id,
-            trace.message_id,
-            trace.sender,
-            message_class,
-            (route.group if route else None) or "-",
-            len(envelope.rcpt_tos),
-            trace.kept,
-            trace.suppressed,
-            len(replies) if route and route.is_marketing else min(1, len(replies)),
-            trace.signed,
-            reply.code,
-            reply.enhanced,
-            ms,
+            "message",
+            id=trace.queue_id,
+            msgid=trace.message_id,
+            **{"from": trace.sender, "class": message_class},
+            group=(route.group if route else None) or "-",
+            rcpts=len(envelope.rcpt_tos),
+            kept=trace.kept,
+            suppressed=trace.suppressed,
+            copies=len(replies) if route and route.is_marketing else min(1, len(replies)),
+            dkim=trace.signed,
+            reply=reply.code,
+            enhanced=reply.enhanced,
+            ms=round(ms, 1),
         )

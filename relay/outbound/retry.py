@@ -16,7 +16,6 @@ leaves the item to be claimed again when the lease ends (at-least-once).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,11 +24,12 @@ from typing import cast
 
 from relay.config import RetryConfig
 from relay.errors import SmtpReply, StoreUnavailable
+from relay.eventlog import EventLog
 from relay.metrics import Metrics
 from relay.outbound.upstream import Outbound, Upstream
-from relay.store.client import REDIS_ERRORS, RedisClient
+from relay.store.client import RedisClient, unavailable
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 LEASE = 120.0
 
@@ -74,7 +74,7 @@ class RetryQueue:
     async def put(self, mail_from: str, rcpt: str, data: bytes, reply: str) -> str:
         item_id = uuid.uuid4().hex
         now = self._clock()
-        try:
+        with unavailable("retry queue write"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     self._item_key(item_id),
@@ -89,20 +89,19 @@ class RetryQueue:
                 )
                 pipe.zadd(self._zset, {item_id: now + self._config.first_delay})
                 await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"retry queue write failed: {type(exc).__name__}") from exc
         return item_id
 
     async def claim(self, limit: int) -> list[QueuedItem]:
         now = self._clock()
-        ids = await self._claim(keys=[self._zset], args=[now, now + LEASE, limit])
         items = []
-        for raw_id in ids:
-            item = await self._load(raw_id.decode())
-            if item is None:
-                await self._redis.zrem(self._zset, raw_id)
-            else:
-                items.append(item)
+        with unavailable("retry queue claim"):
+            ids = await self._claim(keys=[self._zset], args=[now, now + LEASE, limit])
+            for raw_id in ids:
+                item = await self._load(raw_id.decode())
+                if item is None:
+                    await self._redis.zrem(self._zset, raw_id)
+                else:
+                    items.append(item)
         return items
 
     async def _load(self, item_id: str, due: float = 0.0) -> QueuedItem | None:
@@ -122,29 +121,32 @@ class RetryQueue:
         )
 
     async def done(self, item_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._zset, item_id)
-            pipe.delete(self._item_key(item_id))
-            await pipe.execute()
+        with unavailable("retry queue write"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._zset, item_id)
+                pipe.delete(self._item_key(item_id))
+                await pipe.execute()
 
     async def defer(self, item: QueuedItem, reply: str) -> float:
         attempts = item.attempts + 1
         delay = min(self._config.first_delay * 2**attempts, self._config.max_delay)
         due: float = self._clock() + delay
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._item_key(item.id), mapping={"attempts": attempts, "reply": reply})
-            pipe.zadd(self._zset, {item.id: due})
-            await pipe.execute()
+        with unavailable("retry queue write"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._item_key(item.id), mapping={"attempts": attempts, "reply": reply})
+                pipe.zadd(self._zset, {item.id: due})
+                await pipe.execute()
         return due
 
     def expired(self, item: QueuedItem) -> bool:
         return self._clock() - item.first > self._config.max_age
 
     async def length(self) -> int:
-        return int(await self._redis.zcard(self._zset))
+        with unavailable("retry queue length"):
+            return int(await self._redis.zcard(self._zset))
 
     async def list(self, limit: int = 1000) -> list[QueuedItem]:
-        try:
+        with unavailable("retry queue read"):
             entries = cast(
                 list[tuple[bytes, float]],
                 await self._redis.zrange(self._zset, 0, limit - 1, withscores=True),
@@ -154,8 +156,6 @@ class RetryQueue:
                 item = await self._load(raw_id.decode(), due=float(score))
                 if item is not None:
                     items.append(item)
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"retry queue read failed: {type(exc).__name__}") from exc
         return items
 
 
@@ -182,8 +182,8 @@ class RetryWorker:
         while not self._stopped:
             try:
                 await self.run_once()
-            except (*REDIS_ERRORS, StoreUnavailable) as exc:
-                log.warning("retry queue unavailable error=%s", type(exc).__name__)
+            except StoreUnavailable as exc:
+                log.warning("retry queue unavailable", error=type(exc).__name__)
             if self._stopped:
                 break
             waiter = asyncio.ensure_future(self._wake.wait())
@@ -210,27 +210,32 @@ class RetryWorker:
         try:
             await self.judge(item, reply)
         except StoreUnavailable as exc:
-            log.warning("retry failure not counted id=%s error=%s", item.id, exc)
+            log.warning("retry failure not counted", id=item.id, error=exc)
 
     async def _deliver(self, item: QueuedItem) -> None:
         replies = await self.upstream.send(Outbound(item.mail_from, (item.rcpt,), item.data))
         reply = replies[item.rcpt]
-        fields = f"id={item.id} rcpt={item.rcpt} attempts={item.attempts + 1} reply={reply.code}"
+        fields = {
+            "id": item.id,
+            "rcpt": item.rcpt,
+            "attempts": item.attempts + 1,
+            "reply": reply.code,
+        }
         if reply.is_success:
             await self._queue.done(item.id)
             self._metrics.retry.labels("delivered").inc()
-            log.info("retry delivered %s", fields)
+            log.info("retry delivered", **fields)
         elif reply.is_permanent:
             await self._queue.done(item.id)
             self._metrics.retry.labels("refused").inc()
-            log.error("retry refused %s text=%r", fields, reply.text)
+            log.error("retry refused", **fields, text=reply.text)
             await self._judge(item, reply)
         elif self._queue.expired(item):
             await self._queue.done(item.id)
             self._metrics.retry.labels("expired").inc()
-            log.error("retry expired %s text=%r", fields, reply.text)
+            log.error("retry expired", **fields, text=reply.text)
             await self._judge(item, reply)
         else:
             await self._queue.defer(item, str(reply))
             self._metrics.retry.labels("deferred").inc()
-            log.info("retry deferred %s", fields)
+            log.info("retry deferred", **fields)

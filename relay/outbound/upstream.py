@@ -14,7 +14,6 @@ in this module; the pipeline never sees a library exception.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import ssl
 from collections.abc import Sequence
@@ -24,8 +23,9 @@ import aiosmtplib
 
 from relay.config import UpstreamConfig
 from relay.errors import SmtpReply, sanitize_reply_text
+from relay.eventlog import EventLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s*")
 
@@ -107,9 +107,9 @@ class Upstream:
                 except _Dropped as dropped:
                     client.close()
                     if dropped.sent_data or fresh or attempt == 2:
-                        log.warning("upstream connection lost sent_data=%s", dropped.sent_data)
+                        log.warning("upstream connection lost", sent_data=dropped.sent_data)
                         return dict.fromkeys(out.recipients, DROPPED)
-                    log.info("upstream idle connection was closed; reconnecting")
+                    log.info("upstream reconnect", reason="idle connection was closed")
             raise AssertionError("unreachable")
         except BaseException:
             if client is not None:
@@ -133,13 +133,13 @@ class Upstream:
                 except aiosmtplib.SMTPHeloError:
                     await client.helo()
         except aiosmtplib.SMTPResponseException as exc:
-            log.warning("upstream refused the connection code=%s", exc.code)
+            log.warning("upstream refused the connection", code=exc.code)
             reply = reply_from(exc.code, exc.message)
             if reply.is_success:
                 reply = UNREACHABLE
             return None, reply if not reply.is_permanent else UNREACHABLE
         except (aiosmtplib.SMTPException, OSError) as exc:
-            log.warning("upstream unreachable error=%s", type(exc).__name__)
+            log.warning("upstream unreachable", error=type(exc).__name__)
             return None, UNREACHABLE
         return client, None
 

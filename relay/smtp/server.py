@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import re
 import ssl
 from collections.abc import Coroutine
@@ -24,13 +23,14 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
 from relay.config import SmtpConfig
+from relay.eventlog import EventLog
 from relay.mail.address import address_problem
 from relay.metrics import Metrics
 from relay.model import Envelope
 from relay.outbound.pipeline import Pipeline
 from relay.smtp.auth import Users
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 T = TypeVar("T")
 
 _PLAIN_PATH = re.compile(r"^\s*<([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+|)>(.*)$")
@@ -146,7 +146,7 @@ class RelaySMTP(SMTP):
         if not self.trusted and self.event_handler.users is None:
             peer = self.session.peer if self.session else None
             client = peer[0] if isinstance(peer, tuple) else "unknown"
-            log.warning("refused client=%s reason=not-in-allowed-networks", client)
+            log.warning("refused", client=client, reason="not-in-allowed-networks")
             await self.push(f"554 5.7.1 {self.hostname} relay access denied for {client}")
             if self.transport is not None:
                 self.transport.close()
@@ -181,7 +181,7 @@ class ShieldedTransactions:
         return await asyncio.shield(task)
 
     async def handle_exception(self, error: Exception) -> str:
-        log.exception("%s session error=%s", type(self).__name__, type(error).__name__)
+        log.exception("session error", server=type(self).__name__, error=type(error).__name__)
         return "451 4.3.0 internal error, try again later"
 
     async def drain(self, timeout: float) -> int:
@@ -234,7 +234,7 @@ class RelayHandler(ShieldedTransactions):
         login = auth_data.login.decode("utf-8", errors="replace")
         ok = self.users.verify(login, auth_data.password.decode("utf-8", errors="replace"))
         peer = session.peer[0] if isinstance(session.peer, tuple) else "local"
-        log.info("auth user=%s mechanism=%s client=%s ok=%s", login[:64], mechanism, peer, ok)
+        log.info("auth", user=login[:64], mechanism=mechanism, client=peer, ok=ok)
         if not ok:
             self.metrics.rejected.labels("535", "5.7.8").inc()
         return AuthResult(success=ok, handled=False, auth_data=login if ok else None)

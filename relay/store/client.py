@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import TypeAlias
 
@@ -24,10 +23,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.config import RedisConfig
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 
 RedisClient: TypeAlias = Redis | RedisCluster
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 REDIS_ERRORS = (RedisError, RedisClusterException)
 """What a Redis call raises when the server cannot answer (the Cluster one is no RedisError)."""
@@ -89,8 +89,8 @@ async def prepare(client: RedisClient) -> None:
     if isinstance(client, RedisCluster):
         try:
             await client.initialize()
-        except RedisError as exc:
-            log.warning("redis cluster not reachable at start error=%s", type(exc).__name__)
+        except REDIS_ERRORS as exc:
+            log.warning("redis cluster not reachable at start", error=type(exc).__name__)
 
 
 async def follow_master(client: RedisClient, interval: float = 0.5) -> None:
@@ -107,10 +107,10 @@ async def follow_master(client: RedisClient, interval: float = 0.5) -> None:
         await asyncio.sleep(interval)
         try:
             address = await pool.sentinel_manager.discover_master(pool.service_name)
-        except RedisError:
+        except REDIS_ERRORS:
             continue
         if pool.master_address is not None and address != pool.master_address:
-            log.warning("redis master switched to %s:%s", *address)
+            log.warning("redis master switched", host=address[0], port=address[1])
             pool.master_address = address
             await pool.disconnect(inuse_connections=True)
 

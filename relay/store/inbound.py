@@ -7,15 +7,15 @@ retry is processed.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from relay.eventlog import EventLog
 from relay.store.client import RedisClient, unavailable
 from relay.store.keys import Keys
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 _REMEMBER = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end

@@ -10,7 +10,6 @@ loses at most that second of counts, never mail).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,10 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import cast
 
-from relay.store.client import REDIS_ERRORS, RedisClient, unavailable
+from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
+from relay.store.client import RedisClient, unavailable
 from relay.store.keys import Keys
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 METRICS = (
     "sent",
@@ -72,15 +73,16 @@ class DailyCounters:
             return
         pending, self._pending = self._pending, Counter()
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for (day, metric, group), n in pending.items():
-                    pipe.hincrby(self.key(day), f"{metric}|{group}", n)
-                for day in {day for day, _, _ in pending}:
-                    pipe.expire(self.key(day), KEEP_SECONDS)
-                await pipe.execute()
-        except REDIS_ERRORS as exc:
+            with unavailable("daily counters write"):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for (day, metric, group), n in pending.items():
+                        pipe.hincrby(self.key(day), f"{metric}|{group}", n)
+                    for day in {day for day, _, _ in pending}:
+                        pipe.expire(self.key(day), KEEP_SECONDS)
+                    await pipe.execute()
+        except StoreUnavailable as exc:
             self._pending.update(pending)  # keep them for the next flush
-            log.warning("daily counters not written (%s); kept in memory", type(exc).__name__)
+            log.warning("daily counters not written", error=exc, kept="memory")
 
     async def run(self) -> None:
         while not self._stopped.is_set():

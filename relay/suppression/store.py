@@ -34,7 +34,7 @@ from relay.config import SuppressionConfig
 from relay.errors import StoreUnavailable
 from relay.mail.address import normalize_address
 from relay.model import Route
-from relay.store.client import REDIS_ERRORS, RedisClient
+from relay.store.client import RedisClient, unavailable
 
 REASONS = ("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual", "pattern")
 MANUAL_REASONS = ("unsubscribe", "hard-bounce", "complaint", "manual")
@@ -294,14 +294,12 @@ class SuppressionStore:
         One pipelined round trip for all recipients and the pattern list.
         """
         normalized = [normalize_address(r) for r in recipients]
-        try:
+        with unavailable("suppression lookup"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for address in normalized:
                     pipe.hgetall(self.key(address))
                 pipe.smembers(self.patterns_key)
                 results = await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression lookup failed: {type(exc).__name__}") from exc
         now = self._clock()
         patterns = self._config_patterns | {p.decode() for p in results.pop()}
         check_patterns = bool(patterns) and (
@@ -349,14 +347,12 @@ class SuppressionStore:
         address = normalize_address(address)
         now = int(self._clock())
         value = self._value(now, self._ttl(reason, ttl), source)
-        try:
+        with unavailable("suppression write"):
             wrote = await self._add(
                 keys=[self.key(address)], args=[f"{scope}|{reason}", value, now]
             )
             if wrote:
                 await self._event("add", address, scope, reason, source, detail)
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return bool(wrote)
 
     @staticmethod
@@ -369,7 +365,7 @@ class SuppressionStore:
     ) -> list[bool]:
         """Batched ``add`` for imports: one pipeline for the writes, one for the events."""
         now = int(self._clock())
-        try:
+        with unavailable("suppression import"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for row in rows:
                     value = self._value(now, self._ttl(row.reason, ttl), source)
@@ -384,19 +380,15 @@ class SuppressionStore:
                             pipe, "add", row.address, row.scope, row.reason, source, ""
                         )
                 await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression import failed: {type(exc).__name__}") from exc
         return wrote
 
     async def exists(self, rows: Sequence[ImportRow]) -> list[bool]:
         """Whether a live entry for each row's scope and reason is already stored."""
-        try:
+        with unavailable("suppression read"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for row in rows:
                     pipe.hget(self.key(row.address), f"{row.scope}|{row.reason}")
                 values = await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression read failed: {type(exc).__name__}") from exc
         now = self._clock()
         return [
             v is not None
@@ -409,7 +401,7 @@ class SuppressionStore:
         """A soft-bounce suppression with graduated expiry (7, 14, 30, then 180 days)."""
         address = normalize_address(address)
         ttls = json.dumps([int(t) for t in self.policy.soft_bounce_ttls])
-        try:
+        with unavailable("suppression write"):
             count = int(
                 await self._soft(
                     keys=[self.key(address)],
@@ -419,21 +411,17 @@ class SuppressionStore:
             await self._event(
                 "add", address, GLOBAL, "soft-bounce", source, f"count={count} {detail}"
             )
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return count
 
     async def counter(self, address: str, name: str, delta: int = 1) -> int:
         """A per-address counter kept beside the entries (e.g. consecutive soft bounces)."""
-        try:
+        with unavailable("suppression write"):
             if delta == 0:
                 await self._redis.hdel(self.key(normalize_address(address)), f"#{name}")
                 return 0
             return int(
                 await self._redis.hincrby(self.key(normalize_address(address)), f"#{name}", delta)
             )
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def record_failure(
         self, address: str, kind: str, sent: float | None = None, message: str = ""
@@ -447,14 +435,12 @@ class SuppressionStore:
         if field not in STREAK_FIELDS:
             raise ValueError(f"unknown failure kind {kind!r}")
         sent_arg = "" if sent is None else str(int(sent))
-        try:
+        with unavailable("suppression write"):
             return int(
                 await self._failure(
                     keys=[self.key(normalize_address(address))], args=[field, sent_arg, message]
                 )
             )
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def reset_streak(self, address: str, kind: str) -> None:
         """Start counting ``kind`` afresh (after the address was suppressed for it)."""
@@ -462,10 +448,8 @@ class SuppressionStore:
 
     async def end_streak(self, address: str) -> None:
         """A delivery is confirmed (a success DSN): every failure streak is over."""
-        try:
+        with unavailable("suppression write"):
             await self._redis.hdel(self.key(normalize_address(address)), OK_FIELD, *STREAK_FIELDS)
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def note_delivered(self, streaks: dict[str, Streak], message: str) -> None:
         """Accepted copies for recipients with an open streak: one pipelined write, if any.
@@ -476,7 +460,7 @@ class SuppressionStore:
         if not streaks:
             return
         now = int(self._clock())
-        try:
+        with unavailable("suppression write"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for recipient, streak in streaks.items():
                     key = self.key(normalize_address(recipient))
@@ -485,8 +469,6 @@ class SuppressionStore:
                     elif now - streak.ok_since > CONFIRMED_AFTER:
                         pipe.hdel(key, OK_FIELD, *STREAK_FIELDS)
                 await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
 
     async def remove(
         self,
@@ -516,7 +498,7 @@ class SuppressionStore:
             )
         if not doomed:
             return []
-        try:
+        with unavailable("suppression write"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hdel(self.key(address), *[f"{e.scope}|{e.reason}" for e in doomed])
                 if any(e.reason == "soft-bounce" for e in doomed):
@@ -527,17 +509,13 @@ class SuppressionStore:
                     detail = "forced" if e.reason in PROTECTED_REASONS else ""
                     self._queue_event(pipe, "remove", address, e.scope, e.reason, source, detail)
                 await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression write failed: {type(exc).__name__}") from exc
         return doomed
 
     async def entries(self, address: str) -> list[Suppression]:
         """Every entry for one address, expired ones included (the caller decides)."""
         address = normalize_address(address)
-        try:
+        with unavailable("suppression read"):
             fields = cast(dict[bytes, bytes], await self._redis.hgetall(self.key(address)))
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression read failed: {type(exc).__name__}") from exc
         decoded = (_decode(address, f, v) for f, v in fields.items())
         return sorted((e for e in decoded if e is not None), key=lambda e: e.created)
 
@@ -547,37 +525,31 @@ class SuppressionStore:
         return self._matcher.match(frozenset(patterns), normalize_address(address))
 
     async def patterns(self) -> list[str]:
-        try:
+        with unavailable("pattern read"):
             members = cast(set[bytes], await self._redis.smembers(self.patterns_key))
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"pattern read failed: {type(exc).__name__}") from exc
         return sorted(m.decode() for m in members)
 
     async def add_pattern(self, pattern: str, source: str) -> bool:
         pattern = normalize_pattern(pattern)
-        try:
+        with unavailable("pattern write"):
             new = bool(await self._redis.sadd(self.patterns_key, pattern))
             if new:
                 await self._event("add", pattern, GLOBAL, "pattern", source, "")
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"pattern write failed: {type(exc).__name__}") from exc
         return new
 
     async def remove_pattern(self, pattern: str, source: str) -> bool:
         pattern = normalize_pattern(pattern)
-        try:
+        with unavailable("pattern write"):
             gone = bool(await self._redis.srem(self.patterns_key, pattern))
             if gone:
                 await self._event("remove", pattern, GLOBAL, "pattern", source, "")
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"pattern write failed: {type(exc).__name__}") from exc
         return gone
 
     async def scan(self, batch: int = 500) -> AsyncIterator[Suppression]:
         """Every entry in the store, streamed (SCAN), never all loaded at once."""
         pattern = self.key("*").replace("{*}", "*")
         start = len(self.key(""))
-        try:
+        with unavailable("suppression scan"):
             async for keys in _batched(self._redis.scan_iter(match=pattern, count=batch), batch):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for key in keys:
@@ -589,13 +561,12 @@ class SuppressionStore:
                         entry = _decode(address, field, value)
                         if entry is not None:
                             yield entry
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"suppression scan failed: {type(exc).__name__}") from exc
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())
-        except REDIS_ERRORS:
+            with unavailable("ping"):
+                return bool(await self._redis.ping())
+        except StoreUnavailable:
             return False
 
     def _queue_event(

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import csv
 import io
-import logging
 import re
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.mail.address import normalize_address
 from relay.suppression.store import (
     REASONS,
@@ -32,7 +32,7 @@ from relay.suppression.store import (
     parse_scope,
 )
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 EXPORT_COLUMNS = ("address", "scope", "reason", "created", "expires", "source")
 _ADDRESS = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
@@ -303,7 +303,7 @@ class StatsCache:
             result = await stats(self._store)
         except StoreUnavailable as exc:
             self.error = str(exc)
-            log.warning("suppression stats not computed: %s", exc)
+            log.warning("suppression stats not computed", error=exc)
         else:
             finished = self._clock()
             self._value = CachedStats(result, finished, finished - started)

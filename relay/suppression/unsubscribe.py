@@ -6,17 +6,17 @@ the mailto address) so they behave the same.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
 from relay.config import PolicyConfig
+from relay.eventlog import EventLog
 from relay.mail.tokens import TokenClaims, TokenCodec
 from relay.metrics import Metrics
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionStore, scopes_for_unsubscribe
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +70,14 @@ class Unsubscriber:
         if new:
             self._counters.add("unsubscribe", claims.group)
         log.info(
-            "unsubscribe rcpt=%s scope=%s channel=%s new=%s key=%s issued=%d %s",
-            claims.recipient,
-            scope,
-            channel,
-            new,
-            claims.key_id,
-            claims.issued,
-            detail,
+            "unsubscribe",
+            rcpt=claims.recipient,
+            scope=scope,
+            channel=channel,
+            new=new,
+            key=claims.key_id,
+            issued=claims.issued,
+            ua=user_agent[:120] if client else None,
+            ip=self._tokens.fingerprint(client) if client else None,
         )
         return Unsubscribed(claims, self.list_name(claims), new)

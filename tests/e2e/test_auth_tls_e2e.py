@@ -138,3 +138,35 @@ async def test_trusted_network_needs_no_auth_and_auth_not_offered_without_users(
     await smtp.sendmail("app@example.com", ["alice@example.net"], message())
     await smtp.quit()
     assert len(sink.handler.messages) == 1
+
+
+async def test_auth_user_name_cannot_write_a_log_line(
+    make_relay: Any, secured: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newline in the AUTH user name wrote a second, fake line; ANSI escapes passed through."""
+    import json
+    import logging
+
+    from relay.runtime.logs import JsonFormatter, TextFormatter
+
+    caplog.set_level(logging.INFO, logger="relay")
+    relay = await make_relay(secured)
+    smtp = client(relay)
+    await smtp.connect()
+    await smtp.starttls()
+    await smtp.ehlo()
+    fake = "app1\n2026-01-01 00:00:00,000 INFO relay.smtp.server[1] auth user=root ok=True"
+    for user in (fake, "\x1b[1;32mapp1\x1b[0m"):
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await smtp.auth_plain(user, "wrong password")
+    await smtp.quit()
+    records = [r for r in caplog.records if getattr(r, "relay_event", None) == "auth"]
+    assert len(records) == 2
+    for record in records:
+        line = TextFormatter().format(record)
+        obj = json.loads(JsonFormatter().format(record))
+        assert "\n" not in line and "\x1b" not in line and "\x1b" not in json.dumps(obj)
+        assert obj["ok"] is False and "\\x" in obj["user"]
+    assert json.loads(JsonFormatter().format(records[0]))["user"].startswith("app1\\x0a2026")
+    assert 'user="app1\\\\x0a2026-01-01' in TextFormatter().format(records[0])
+    assert 'user="\\\\x1b[1;32mapp1\\\\x1b[0m"' in TextFormatter().format(records[1])

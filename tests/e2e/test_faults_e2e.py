@@ -4,6 +4,7 @@ relay does about unsigned marketing mail; plus secrets and tokens never reaching
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from typing import Any
@@ -168,3 +169,34 @@ async def test_no_token_or_secret_in_logs(
     assert keys.token_k1.read_text().strip()[:16] not in text
     assert "Hello there" not in text
     assert "Secret(***)" in repr(relay.config.tokens)
+
+
+def _formatted(
+    caplog: pytest.LogCaptureFixture, event: str
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The caplog records of ``event`` as the relay writes them, in text and in JSON."""
+    from relay.runtime.logs import JsonFormatter, TextFormatter
+
+    records = [r for r in caplog.records if getattr(r, "relay_event", None) == event]
+    assert records, f"no {event!r} line logged"
+    text = [TextFormatter().format(r) for r in records]
+    data = [json.loads(JsonFormatter().format(r)) for r in records]
+    return text, data
+
+
+async def test_forged_message_id_fields_stay_in_msgid(
+    relay: Relay, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Message-ID of ``<z@z> id=0000 outcome=processed`` overwrote ``id`` in JSON logs."""
+    caplog.set_level(logging.INFO, logger="relay")
+    forged = "<z@z> id=0000 reply=250 \x1b[2Jclass=x"
+    data = message().replace(b"Message-ID: <", f"Message-ID: {forged} <".encode(), 1)
+    code, text = await smtp_send(relay.smtp_port, "news@example.com", ["a@example.net"], data)
+    assert code == 250, text
+    queue_id = text.rsplit("id=", 1)[1]
+    lines, objects = _formatted(caplog, "message")
+    (line,), (obj,) = lines, objects
+    assert (obj["id"], obj["reply"], obj["class"]) == (queue_id, 250, "marketing")
+    assert obj["msgid"].startswith("<z@z> id=0000 reply=250 \\x1b[2Jclass=x")
+    assert f' message id={queue_id} msgid="<z@z> id=0000 reply=250 \\\\x1b[2Jclass=x' in line
+    assert "\x1b" not in line + json.dumps(obj)
