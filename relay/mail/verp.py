@@ -49,6 +49,16 @@ _TAG = 7
 _INLINE_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _INLINE_DOMAIN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+$")
 _CODE = re.compile(rf"^[a-z2-7]{{{CODE_LENGTH}}}$")
+_STOP = frozenset('@<>"') | frozenset(" \t\r\n\v\f")
+MAX_SCANNED = 4 * 1024 * 1024
+"""Characters of a bounce's text searched for return paths (the listener's size limit is lower)."""
+MAX_FOUND = 32
+"""Distinct return paths taken from one bounce; a real one quotes one or two."""
+
+
+def _word(ch: str) -> bool:
+    """A character that continues a domain name (so ``@domain.evil`` is not ours)."""
+    return ch.isalnum() or ch == "_"
 
 
 class ForgedCode(Exception):
@@ -102,11 +112,8 @@ class Verp:
         self.domain = domain.lower()
         self._groups = {_group_ref(g): g for g in (NO_GROUP, *groups)}
         self._room = MAX_LOCAL_PART - len(self.local_part) - 1 - CODE_LENGTH - 1
-        self._pattern = re.compile(
-            rf"{re.escape(self.local_part)}\+[a-z2-7]{{{CODE_LENGTH}}}[^@\s<>\"]*@"
-            rf"{re.escape(self.domain)}\b",
-            re.IGNORECASE,
-        )
+        self._needle = f"{self.local_part}+"
+        self._at_domain = f"@{self.domain}"
 
     @classmethod
     def from_config(cls, config: Config) -> Verp | None:
@@ -165,9 +172,30 @@ class Verp:
         return bool(at) and domain == self.domain and local.split("+", 1)[0] == self.local_part
 
     def find(self, text: str) -> list[VerpRef]:
-        """Every return path of ours quoted in ``text`` (a bounce's headers and body)."""
-        refs = (self.parse(m.group(0)) for m in self._pattern.finditer(text))
-        return list(dict.fromkeys(ref for ref in refs if ref is not None))
+        """Every return path of ours quoted in ``text`` (a bounce's headers and body).
+
+        Plain string search, linear in the text: each ``local_part+`` found is read
+        for at most one local part's length (no regex that backtracks over a long run
+        of attacker text), and at most ``MAX_FOUND`` distinct paths are returned,
+        since each is then checked with an HMAC per key.
+        """
+        lower = text[:MAX_SCANNED].lower()
+        refs: dict[VerpRef, None] = {}
+        start = lower.find(self._needle)
+        while start >= 0 and len(refs) < MAX_FOUND:
+            end = start + len(self._needle)
+            limit = min(len(lower), start + MAX_LOCAL_PART + 1)
+            while end < limit and lower[end] not in _STOP:
+                end += 1
+            tail = end + len(self._at_domain)
+            if (
+                lower.startswith(self._at_domain, end)
+                and (tail == len(lower) or not _word(lower[tail]))
+                and (ref := self.parse(lower[start:tail])) is not None
+            ):
+                refs[ref] = None
+            start = lower.find(self._needle, start + len(self._needle))
+        return list(refs)
 
     def verify(self, ref: VerpRef, reported: Iterable[str] = ()) -> VerpClaims:
         """The claims of ``ref``, checked against its own recipient or the reported ones."""
