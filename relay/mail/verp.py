@@ -53,7 +53,17 @@ _STOP = frozenset('@<>"') | frozenset(" \t\r\n\v\f")
 MAX_SCANNED = 4 * 1024 * 1024
 """Characters of a bounce's text searched for return paths (the listener's size limit is lower)."""
 MAX_FOUND = 32
+MAX_CANDIDATES = 64
 """Distinct return paths taken from one bounce; a real one quotes one or two."""
+
+
+def _local_before(text: str, at: int) -> str:
+    """The run of local-part characters just before ``text[at]`` (at most 64 of them)."""
+    begin = at
+    floor = max(0, at - MAX_LOCAL_PART)
+    while begin > floor and text[begin - 1] not in _STOP:
+        begin -= 1
+    return text[begin:at]
 
 
 def _word(ch: str) -> bool:
@@ -174,27 +184,27 @@ class Verp:
     def find(self, text: str) -> list[VerpRef]:
         """Every return path of ours quoted in ``text`` (a bounce's headers and body).
 
-        Plain string search, linear in the text: each ``local_part+`` found is read
-        for at most one local part's length (no regex that backtracks over a long run
-        of attacker text), and at most ``MAX_FOUND`` distinct paths are returned,
-        since each is then checked with an HMAC per key.
+        Linear, with no regex over attacker text: each ``@return_path_domain`` is
+        found by plain string search and only the local part's 64 characters before
+        it are read. At most ``MAX_CANDIDATES`` places are looked at and
+        ``MAX_FOUND`` distinct paths kept, since each is then checked with an HMAC.
         """
         lower = text[:MAX_SCANNED].lower()
         refs: dict[VerpRef, None] = {}
-        start = lower.find(self._needle)
-        while start >= 0 and len(refs) < MAX_FOUND:
-            end = start + len(self._needle)
-            limit = min(len(lower), start + MAX_LOCAL_PART + 1)
-            while end < limit and lower[end] not in _STOP:
-                end += 1
-            tail = end + len(self._at_domain)
-            if (
-                lower.startswith(self._at_domain, end)
-                and (tail == len(lower) or not _word(lower[tail]))
-                and (ref := self.parse(lower[start:tail])) is not None
-            ):
-                refs[ref] = None
-            start = lower.find(self._needle, start + len(self._needle))
+        seen: set[str] = set()
+        candidates = 0
+        at = lower.find(self._at_domain)
+        while at >= 0 and candidates < MAX_CANDIDATES and len(refs) < MAX_FOUND:
+            tail = at + len(self._at_domain)
+            if tail == len(lower) or not _word(lower[tail]):
+                candidates += 1
+                local = _local_before(lower, at)
+                start = local.find(self._needle)
+                if start >= 0 and local not in seen:
+                    seen.add(local)
+                    if (ref := self.parse(local[start:] + self._at_domain)) is not None:
+                        refs[ref] = None
+            at = lower.find(self._at_domain, tail)
         return list(refs)
 
     def verify(self, ref: VerpRef, reported: Iterable[str] = ()) -> VerpClaims:
