@@ -47,13 +47,14 @@ class HealthPoller:
             self.latencies.append(time.perf_counter() - started)
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> HealthPoller:
+    async def __aenter__(self) -> HealthPoller:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
+        """Joined from another thread: the loop must keep serving the last poll."""
         self._stop.set()
-        self._thread.join(timeout=180)
+        await asyncio.to_thread(self._thread.join, 180)
 
     @property
     def worst(self) -> float:
@@ -101,7 +102,7 @@ def dsn(text: str, message_id: str = "<hostile@mta.example.org>") -> bytes:
 async def test_long_run_of_return_path_prefixes_does_not_stall_the_loop(brelay: Relay) -> None:
     """400 KB of ``bounces+aaaa…`` without white space: 11 s of regex on the loop before."""
     text = ("bounces+" + "a" * 24) * (400_000 // 32)
-    with HealthPoller(brelay.http_port) as poller:
+    async with HealthPoller(brelay.http_port) as poller:
         await asyncio.sleep(0.2)
         code, reply = await smtp_send(brelay.inbound_port, "", [RETURN_PATH], dsn(text))
         await asyncio.sleep(0.2)
