@@ -112,3 +112,17 @@ def test_find_in_text_and_is_own(verp: Verp) -> None:
     assert verp.is_own("Bounces@Bounce.Example.com")
     assert verp.is_own(a)
     assert not verp.is_own("bouncesx@bounce.example.com")
+
+
+def test_find_reads_a_bounded_window_around_each_candidate(verp: Verp) -> None:
+    """Runs of ``bounces+aaaa…`` (quadratic for the old regex) and junk around a real path."""
+    a = verp.address("alice@example.net", "newsletter", "A06656607EE8", SENT)
+    run = ("bounces+" + "a" * 24) * 12_500
+    assert verp.find(run) == []
+    assert verp.find(run + f" <{a}>\n") == [verp.parse(a)]
+    assert verp.find(f"{a.upper()}.") == [verp.parse(a)]
+    assert verp.find(f"x{a}evil.example") == []  # another domain that merely starts alike
+    many = "".join(
+        verp.address(f"u{i}@example.net", None, "A06656607EE8", SENT) + "\n" for i in range(100)
+    )
+    assert len(verp.find(many)) == 32

@@ -124,6 +124,8 @@ class Inbound:
     """Delivered-To, X-Original-To, Envelope-To and To: where the message was sent."""
     text: str = field(default="", repr=False)
     """Every header and decoded text part, to look for our return paths and tokens in."""
+    tokens: tuple[str, ...] = ()
+    """Unsubscribe tokens quoted in ``text`` (filled by the intake, which knows the URL)."""
 
 
 def enhanced_code(text: str, klass: str = "") -> str | None:

@@ -24,7 +24,8 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import islice
 from typing import Literal
 
 from relay.config import Config
@@ -52,6 +53,8 @@ log = EventLog(__name__)
 Role = Literal["bounce", "unsubscribe"]
 
 _TOKEN_LOCAL = re.compile(r"^[^+@]+\+([A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,})@")
+MAX_TOKENS = 16
+"""Unsubscribe tokens read from one bounce's text (each costs a decryption)."""
 COMPLAINT_TYPES = frozenset({"abuse", "fraud"})
 """ARF Feedback-Types that are a person's complaint; not-spam, virus, auth-failure are not."""
 
@@ -121,7 +124,7 @@ class Intake:
 
     async def process(self, data: bytes, recipients: Sequence[str], source: str) -> Result:
         """Read, remember (once), act. Raises ``StoreUnavailable`` so the sender retries."""
-        report = await asyncio.to_thread(parse, data)
+        report, quoted = await asyncio.to_thread(self._read, data)
         inbound_id = hashlib.sha256(
             report.message_id.encode("utf-8", "replace") if report.message_id else data
         ).hexdigest()[:32]
@@ -134,7 +137,7 @@ class Intake:
                 if role == "unsubscribe":
                     result = await self._mailto(inbound_id, report, recipients)
                 else:
-                    result = await self._bounce(inbound_id, report, recipients)
+                    result = await self._bounce(inbound_id, report, recipients, quoted)
             except Exception:  # Redis went away, or a bug: the sender's retry is processed
                 await self._forget(inbound_id)
                 raise
@@ -152,6 +155,17 @@ class Intake:
             detail=result.detail or None,
         )
         return result
+
+    def _read(self, data: bytes) -> tuple[Inbound, list[VerpRef]]:
+        """Parse and search the text in a worker thread: nothing scans a bounce on the loop.
+
+        The return paths (``Verp.find``, bounded) and at most ``MAX_TOKENS``
+        unsubscribe tokens quoted in the text are collected here, once.
+        """
+        report = parse(data)
+        quoted = self._verp.find(report.text) if self._verp is not None else []
+        tokens = [m.group(1) for m in islice(self._token_url.finditer(report.text), MAX_TOKENS)]
+        return replace(report, text="", tokens=tuple(dict.fromkeys(tokens))), quoted
 
     def _role(self, recipients: Sequence[str], report: Inbound) -> Role:
         """By the envelope; for a piped message without one, by where it says it went."""
@@ -207,14 +221,20 @@ class Intake:
 
     # -- bounces and complaints ------------------------------------------------
 
-    async def _bounce(self, inbound_id: str, report: Inbound, recipients: Sequence[str]) -> Result:
+    async def _bounce(
+        self,
+        inbound_id: str,
+        report: Inbound,
+        recipients: Sequence[str],
+        quoted: list[VerpRef],
+    ) -> Result:
         if report.kind in ("auto-reply", "unrecognised"):
             return Result(inbound_id, report.kind, "ignored")
         stated = [a for r in report.recipients for a in (r.recipient, r.original) if a]
         if report.complaint is not None:
             stated += list(report.complaint.original_rcpt_to)
         try:
-            claims = self._verp_claims(recipients, report, stated)
+            claims = self._verp_claims(recipients, quoted, stated)
         except ForgedCode as exc:
             log.warning("inbound forged return path", id=inbound_id, error=exc)
             return Result(inbound_id, report.kind, "forged", f"error={exc}")
@@ -232,7 +252,7 @@ class Intake:
                 detail = f"mta={block.remote_mta or '-'}"
                 await self._feedback.failure(who, verdict, block.status, report.kind, detail)
         if not done:
-            outcome = "forged" if self._verp_refs(recipients, report) else "unattributed"
+            outcome = "forged" if self._verp_refs(recipients, quoted) else "unattributed"
             return Result(inbound_id, report.kind, outcome)
         return Result(inbound_id, report.kind, "processed", " ".join(done))
 
@@ -265,15 +285,15 @@ class Intake:
         names = " ".join(f"{w.recipient}:{w.via}" for w in people)
         return Result(inbound_id, "complaint", "processed", names)
 
-    def _verp_refs(self, recipients: Sequence[str], report: Inbound) -> list[VerpRef]:
+    def _verp_refs(self, recipients: Sequence[str], quoted: list[VerpRef]) -> list[VerpRef]:
         if self._verp is None:
             return []
         verp = self._verp
         envelope = [ref for r in recipients if (ref := verp.parse(r)) is not None]
-        return envelope or verp.find(report.text)
+        return envelope or quoted
 
     def _verp_claims(
-        self, recipients: Sequence[str], report: Inbound, stated: list[str]
+        self, recipients: Sequence[str], quoted: list[VerpRef], stated: list[str]
     ) -> VerpClaims | None:
         """From the envelope recipient (must verify), else any return path the text quotes."""
         if self._verp is None:
@@ -282,7 +302,7 @@ class Intake:
             ref = self._verp.parse(address)
             if ref is not None:
                 return self._verp.verify(ref, stated)
-        for ref in self._verp.find(report.text):
+        for ref in quoted:
             try:
                 return self._verp.verify(ref, stated)
             except ForgedCode:
@@ -291,9 +311,9 @@ class Intake:
 
     def _token_claims(self, report: Inbound) -> TokenClaims | None:
         """The recipient and group of the unsubscribe token in the returned original."""
-        for m in self._token_url.finditer(report.text):
+        for token in report.tokens:
             try:
-                return self._unsubscriber.inspect(m.group(1))
+                return self._unsubscriber.inspect(token)
             except TokenError:
                 continue
         return None

@@ -7,10 +7,13 @@ key on every call, and hashes the body again for every signature. Here keys are
 parsed once at start and the body hash is computed once per message
 (``body_hash``), then reused for every per-recipient copy and every key.
 
-The signed header list is explicit, never a library default: the fields of
-``SIGNED_HEADERS`` that are present, each as many times as it occurs, and
-``OVERSIGNED`` once more, so nobody can add a second From or List-Unsubscribe
-without breaking the signature.
+The signed header list is explicit, never a library default: every field of
+``SIGNED_HEADERS``, each as many times as it occurs and once more (RFC 6376 8.15).
+The extra instance signs "no further field of this name", so nobody who received a
+signed copy can prepend a Reply-To, a second Subject or a List-Unsubscribe, or add
+one that was absent, and replay it under our ``d=``. Every field in the list may
+appear at most once in a message (RFC 5322 3.6, RFC 2045, RFC 2369/8058, RFC 9477),
+so a legitimate later hop never needs to add one.
 """
 
 from __future__ import annotations
@@ -44,12 +47,23 @@ SIGNED_HEADERS = (
     "content-transfer-encoding",
     "in-reply-to",
     "references",
+    "content-id",
+    "content-description",
     "list-id",
     "list-unsubscribe",
     "list-unsubscribe-post",
+    "list-help",
+    "list-subscribe",
+    "list-post",
+    "list-owner",
+    "list-archive",
     "feedback-id",
+    "cfbl-address",
+    "cfbl-feedback-id",
 )
-OVERSIGNED = ("from", "list-unsubscribe", "list-unsubscribe-post")
+OVERSIGNED = SIGNED_HEADERS
+"""All of them: each must appear once at most, so one more (or a first) can never be added."""
+_SIGNED = frozenset(SIGNED_HEADERS)
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -120,18 +134,29 @@ def _select(headers: Sequence[Header]) -> tuple[list[str], list[Header]]:
     """The h= list and the fields it covers, in RFC 6376 5.4.2 order (bottom-up)."""
     present: dict[str, list[Header]] = {}
     for header in headers:
-        if header.lname in SIGNED_HEADERS:
+        if header.lname in _SIGNED:
             present.setdefault(header.lname, []).append(header)
     names: list[str] = []
     chosen: list[Header] = []
     for name in SIGNED_HEADERS:
-        instances = present.get(name, [])
-        for header in reversed(instances):
+        for header in reversed(present.get(name, ())):
             names.append(name)
             chosen.append(header)
-        if name in OVERSIGNED:
-            names.append(name)
+        names.append(name)  # oversigned: no further instance may be added
     return names, chosen
+
+
+def _fold_names(names: Sequence[str]) -> str:
+    """``h=`` folded after a colon so each line stays short (FWS is allowed there)."""
+    lines: list[str] = []
+    line = ""
+    for name in names:
+        if line and len(line) + len(name) > 70:
+            lines.append(line)
+            line = ""
+        line += name + ":"
+    lines.append(line[:-1])
+    return "\r\n\t".join(lines)
 
 
 def _fold_b64(value: str, first: int) -> str:
@@ -176,7 +201,7 @@ class Signer:
             tags = (
                 f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};\r\n"
                 f" s={key.selector}; t={timestamp};\r\n"
-                f" h={':'.join(names)};\r\n"
+                f" h={_fold_names(names)};\r\n"
                 f" bh={bh.decode()};\r\n b="
             )
             unsigned = Header("DKIM-Signature", f"DKIM-Signature: {tags}".encode())

@@ -49,6 +49,26 @@ _TAG = 7
 _INLINE_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _INLINE_DOMAIN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+$")
 _CODE = re.compile(rf"^[a-z2-7]{{{CODE_LENGTH}}}$")
+_STOP = frozenset('@<>"') | frozenset(" \t\r\n\v\f")
+MAX_SCANNED = 4 * 1024 * 1024
+"""Characters of a bounce's text searched for return paths (the listener's size limit is lower)."""
+MAX_FOUND = 32
+MAX_CANDIDATES = 64
+"""Distinct return paths taken from one bounce; a real one quotes one or two."""
+
+
+def _local_before(text: str, at: int) -> str:
+    """The run of local-part characters just before ``text[at]`` (at most 64 of them)."""
+    begin = at
+    floor = max(0, at - MAX_LOCAL_PART)
+    while begin > floor and text[begin - 1] not in _STOP:
+        begin -= 1
+    return text[begin:at]
+
+
+def _word(ch: str) -> bool:
+    """A character that continues a domain name (so ``@domain.evil`` is not ours)."""
+    return ch.isalnum() or ch == "_"
 
 
 class ForgedCode(Exception):
@@ -102,11 +122,8 @@ class Verp:
         self.domain = domain.lower()
         self._groups = {_group_ref(g): g for g in (NO_GROUP, *groups)}
         self._room = MAX_LOCAL_PART - len(self.local_part) - 1 - CODE_LENGTH - 1
-        self._pattern = re.compile(
-            rf"{re.escape(self.local_part)}\+[a-z2-7]{{{CODE_LENGTH}}}[^@\s<>\"]*@"
-            rf"{re.escape(self.domain)}\b",
-            re.IGNORECASE,
-        )
+        self._needle = f"{self.local_part}+"
+        self._at_domain = f"@{self.domain}"
 
     @classmethod
     def from_config(cls, config: Config) -> Verp | None:
@@ -165,9 +182,30 @@ class Verp:
         return bool(at) and domain == self.domain and local.split("+", 1)[0] == self.local_part
 
     def find(self, text: str) -> list[VerpRef]:
-        """Every return path of ours quoted in ``text`` (a bounce's headers and body)."""
-        refs = (self.parse(m.group(0)) for m in self._pattern.finditer(text))
-        return list(dict.fromkeys(ref for ref in refs if ref is not None))
+        """Every return path of ours quoted in ``text`` (a bounce's headers and body).
+
+        Linear, with no regex over attacker text: each ``@return_path_domain`` is
+        found by plain string search and only the local part's 64 characters before
+        it are read. At most ``MAX_CANDIDATES`` places are looked at and
+        ``MAX_FOUND`` distinct paths kept, since each is then checked with an HMAC.
+        """
+        lower = text[:MAX_SCANNED].lower()
+        refs: dict[VerpRef, None] = {}
+        seen: set[str] = set()
+        candidates = 0
+        at = lower.find(self._at_domain)
+        while at >= 0 and candidates < MAX_CANDIDATES and len(refs) < MAX_FOUND:
+            tail = at + len(self._at_domain)
+            if tail == len(lower) or not _word(lower[tail]):
+                candidates += 1
+                local = _local_before(lower, at)
+                start = local.find(self._needle)
+                if start >= 0 and local not in seen:
+                    seen.add(local)
+                    if (ref := self.parse(local[start:] + self._at_domain)) is not None:
+                        refs[ref] = None
+            at = lower.find(self._at_domain, tail)
+        return list(refs)
 
     def verify(self, ref: VerpRef, reported: Iterable[str] = ()) -> VerpClaims:
         """The claims of ``ref``, checked against its own recipient or the reported ones."""
