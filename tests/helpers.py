@@ -82,3 +82,37 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def _proc_stat(pid: str) -> tuple[int, int] | None:
+    """(ppid, process group) of a live process from /proc, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # the name in parentheses may hold spaces
+    if fields[0] == "Z":  # a zombie has exited; only its parent has not reaped it yet
+        return None
+    return int(fields[1]), int(fields[2])
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(entry.name)
+            if stat is not None and stat[0] == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (a child started with start_new_session)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(entry.name)
+            if stat is not None and stat[1] == pgid:
+                found.append(int(entry.name))
+    return found

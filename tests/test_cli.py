@@ -165,6 +165,29 @@ def test_suppress_redis_down_exits_1(config_dict: dict[str, Any], tmp_path: Path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("suppress", "show", "a@example.net"),
+        ("events", "tail"),
+        ("report",),
+        ("queue", "list"),
+        ("inbound", "list"),
+    ],
+    ids=" ".join,
+)
+def test_every_store_command_with_redis_refusing_says_one_line_and_exits_1(
+    config_dict: dict[str, Any], tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    port = free_port()
+    config_dict["redis"]["url"] = f"redis://127.0.0.1:{port}/0"
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    result = run(command[0], "-c", str(path), *command[1:])
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert re.fullmatch(rf"error: [a-z ]+: ConnectionError \(redis at 127\.0\.0\.1:{port}\)", line)
+
+
 def test_bad_config_exits_2(config_dict: dict[str, Any], tmp_path: Path) -> None:
     config_dict["redis"]["url"] = "http://127.0.0.1:6379"
     path = write_yaml(tmp_path / "relay.yaml", config_dict)

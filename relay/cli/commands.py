@@ -19,18 +19,15 @@ from typing import TextIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from relay.config import Config
-from relay.errors import ConfigError, StoreUnavailable
+from relay.errors import StoreUnavailable
 from relay.outbound.retry import RetryQueue
-from relay.store import client as redis_client
-from relay.store.client import RedisClient
+from relay.runtime import parts
 from relay.store.inbound import InboundLog
-from relay.store.keys import Keys
-from relay.suppression.report import DayRow, daily_report, verdict
+from relay.suppression.report import DailyCounters, DayRow, verdict
 from relay.suppression.store import (
     GLOBAL,
     ProtectedEntry,
     Suppression,
-    SuppressionPolicy,
     SuppressionStore,
     describe_scope,
     parse_scope,
@@ -105,18 +102,6 @@ def entry_line(e: Suppression, now: float) -> str:
     )
 
 
-def _open_redis(config: Config) -> RedisClient:
-    if not config.redis.url and config.redis.sentinel is None:
-        raise ConfigError("redis.url", "the CLI needs a shared Redis (the embedded one is private)")
-    return redis_client.connect_config(config.redis)
-
-
-def _store(redis: RedisClient, config: Config) -> SuppressionStore:
-    return SuppressionStore(
-        redis, config.redis.key_prefix, policy=SuppressionPolicy.from_config(config.suppression)
-    )
-
-
 def _scope_or_none(args: argparse.Namespace) -> str | None:
     group, sender = getattr(args, "group", None), getattr(args, "sender", None)
     return parse_scope(group, sender) if group or sender else None
@@ -132,19 +117,16 @@ def _output(path: Path | None) -> Iterator[TextIO]:
 
 
 async def run_store_command(args: argparse.Namespace, config: Config) -> int:
-    redis = _open_redis(config)
-    try:
+    async with parts.command_stores(config) as stores:
         if args.command == "queue":
-            return await _queue_list(redis, config)
+            return await _queue_list(stores.retry)
         if args.command == "events":
-            return await _events_tail(redis, config, args.from_start, args.count)
+            return await _events_tail(stores, args.from_start, args.count)
         if args.command == "report":
-            return await _report(redis, config, args.days, args.group, args.json)
+            return await _report(stores.counters, args.days, args.group, args.json)
         if args.command == "inbound":
-            return await _inbound(redis, config, args.action, args.id, args.limit)
-        return await _suppress(args, _store(redis, config))
-    finally:
-        await redis_client.close(redis)
+            return await _inbound(stores.inbound, args.action, args.id, args.limit)
+        return await _suppress(args, stores.store)
 
 
 EX_TEMPFAIL = 75
@@ -152,51 +134,25 @@ EX_TEMPFAIL = 75
 
 
 async def ingest(config: Config, data: bytes, recipients: list[str]) -> int:
-    """One message from an MTA's pipe: the same path as the inbound listener."""
-    from relay.feedback.intake import Intake
-    from relay.feedback.record import Feedback
-    from relay.mail.tokens import TokenCodec
-    from relay.mail.verp import Verp
+    """One message from an MTA's pipe: the same parts as the inbound listener."""
     from relay.metrics import Metrics
-    from relay.suppression.report import DailyCounters
-    from relay.suppression.unsubscribe import Unsubscriber
 
     if len(data) > config.bounces.max_message_size:
         print("error: message larger than bounces.max_message_size", file=sys.stderr)
         return 1
-    redis = _open_redis(config)
     try:
-        store = _store(redis, config)
-        metrics = Metrics()
-        counters = DailyCounters(redis, config.redis.key_prefix)
-        unsubscriber = Unsubscriber(
-            TokenCodec(config.tokens), store, config.policy, metrics, counters
-        )
-        intake = Intake(
-            config=config,
-            records=InboundLog(redis, Keys(config.redis.key_prefix)),
-            store=store,
-            unsubscriber=unsubscriber,
-            feedback=Feedback(store, config.bounces.thresholds, counters, metrics),
-            verp=Verp.from_config(config),
-            metrics=metrics,
-        )
-        try:
+        async with parts.command_stores(config) as stores:
+            intake = parts.handling(config, stores, Metrics()).intake
             result = await intake.process(data, recipients, "ingest")
-        except StoreUnavailable as exc:
-            print(f"error: {exc}; try again later", file=sys.stderr)
-            return EX_TEMPFAIL
-        await counters.flush()
-        print(f"{result.outcome} id={result.id} kind={result.kind} {result.detail}".rstrip())
-        return 0
-    finally:
-        await redis.aclose()
+            await stores.counters.flush()
+    except StoreUnavailable as exc:
+        print(f"error: {exc}; try again later", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(f"{result.outcome} id={result.id} kind={result.kind} {result.detail}".rstrip())
+    return 0
 
 
-async def _inbound(
-    redis: RedisClient, config: Config, action: str, inbound_id: str | None, limit: int
-) -> int:
-    records = InboundLog(redis, Keys(config.redis.key_prefix))
+async def _inbound(records: InboundLog, action: str, inbound_id: str | None, limit: int) -> int:
     if action == "show":
         if not inbound_id:
             print("error: give the id that 'inbound list' prints", file=sys.stderr)
@@ -324,9 +280,9 @@ async def _pattern(args: argparse.Namespace, store: SuppressionStore) -> int:
     return 0 if gone else 1
 
 
-async def _events_tail(redis: RedisClient, config: Config, from_start: bool, count: int) -> int:
+async def _events_tail(stores: parts.Stores, from_start: bool, count: int) -> int:
     """Print stream entries as they arrive (``XREAD BLOCK``), one line each."""
-    key = f"{config.redis.key_prefix}:events"
+    redis, key = stores.redis, stores.store.events_key
     last = "0-0" if from_start else "$"
     seen = 0
     while True:
@@ -344,14 +300,8 @@ async def _events_tail(redis: RedisClient, config: Config, from_start: bool, cou
                     return 0
 
 
-async def _report(
-    redis: RedisClient, config: Config, days: int, group: str | None, as_json: bool
-) -> int:
-    rows = [
-        r
-        for r in await daily_report(redis, config.redis.key_prefix, days)
-        if group is None or r.group == group
-    ]
+async def _report(counters: DailyCounters, days: int, group: str | None, as_json: bool) -> int:
+    rows = [r for r in await counters.report(days) if group is None or r.group == group]
     if as_json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
@@ -387,8 +337,8 @@ def _with_day_totals(rows: list[DayRow]) -> list[DayRow]:
     return out
 
 
-async def _queue_list(redis: RedisClient, config: Config) -> int:
-    items = await RetryQueue(redis, config.redis.key_prefix, config.retry).list()
+async def _queue_list(retry: RetryQueue) -> int:
+    items = await retry.list()
     print(f"{len(items)} message(s) in the retry queue")
     for item in items:
         print(

@@ -11,7 +11,10 @@ while transactional mail still reaches them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import signal
+import sys
 import tempfile
 from email.message import EmailMessage
 from pathlib import Path
@@ -111,17 +114,49 @@ def _show(captured: Captured, dns: dict[bytes, bytes]) -> None:
 
 
 async def run_demo(out: Path | None = None, keep_running: bool = False) -> int:
-    temp = None
-    if out is None:
-        temp = tempfile.TemporaryDirectory(prefix="oneclick-demo-")
-        out = Path(temp.name)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = CaptureHandler(folder=out / "captured")
-    sink = await start_sink(handler)
-    sink_port = sink.sockets[0].getsockname()[1]
-    config = load_config(write_demo_config(out, sink_port))
-    relay = Relay(config)
-    await relay.start()
+    """Run the demo; SIGTERM or Ctrl-C stops it with everything it started (exit 0)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signalled: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signalled.append(signum)
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _run_demo(out, keep_running)
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        task.uncancel()
+        print("demo stopped", file=sys.stderr)
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_demo(out: Path | None, keep_running: bool) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        if out is None:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oneclick-demo-")))
+        out.mkdir(parents=True, exist_ok=True)
+        handler = CaptureHandler(folder=out / "captured")
+        sink = await start_sink(handler)
+        stack.callback(sink.close)
+        sink_port = sink.sockets[0].getsockname()[1]
+        config = load_config(write_demo_config(out, sink_port))
+        relay = await stack.enter_async_context(Relay(config))
+        return await _demo(relay, handler, out, sink_port, keep_running)
+    raise AssertionError("unreachable")
+
+
+async def _demo(
+    relay: Relay, handler: CaptureHandler, out: Path, sink_port: int, keep_running: bool
+) -> int:
     dns = {
         f"{k.selector}._domainkey.{k.domain}.".encode(): k.dns_record().encode()
         for k in relay.signer.keys_for("example.com")
@@ -133,89 +168,79 @@ async def run_demo(out: Path | None = None, keep_running: bool = False) -> int:
         )
         return text
 
-    try:
-        print("oneclick-relay demo")
-        print(f"  relay SMTP 127.0.0.1:{relay.smtp_port}, HTTP 127.0.0.1:{relay.http_port}")
-        print(f"  capture upstream 127.0.0.1:{sink_port}, messages in {out / 'captured'}")
-        print(f"  embedded Redis {relay.redis_url}")
-        print()
+    print("oneclick-relay demo")
+    print(f"  relay SMTP 127.0.0.1:{relay.smtp_port}, HTTP 127.0.0.1:{relay.http_port}")
+    print(f"  capture upstream 127.0.0.1:{sink_port}, messages in {out / 'captured'}")
+    print(f"  embedded Redis {relay.redis_url}")
+    print()
 
-        print("1. A newsletter from news@example.com to Alice and Bob (marketing):")
-        news = _sample(NEWS, [ALICE, BOB], "November news", "Hello from Example.\n")
-        reply = await send(news, [ALICE, BOB])
-        print(f"   relay answered: {reply}")
-        first = handler.messages[-2:]
-        for captured in first:
-            _show(captured, dns)
-        print("   -> one copy per recipient, each with its own unsubscribe URL, signed after.")
-        print()
+    print("1. A newsletter from news@example.com to Alice and Bob (marketing):")
+    news = _sample(NEWS, [ALICE, BOB], "November news", "Hello from Example.\n")
+    reply = await send(news, [ALICE, BOB])
+    print(f"   relay answered: {reply}")
+    first = handler.messages[-2:]
+    for captured in first:
+        _show(captured, dns)
+    print("   -> one copy per recipient, each with its own unsubscribe URL, signed after.")
+    print()
 
-        print("2. A receipt from receipts@example.com to Alice (transactional):")
-        receipt = _sample(RECEIPTS, [ALICE], "Your receipt #1001", "Thank you.\n")
-        reply = await send(receipt, [ALICE])
-        print(f"   relay answered: {reply}")
-        _show(handler.messages[-1], dns)
-        print("   -> no List-Unsubscribe on transactional mail.")
-        print()
+    print("2. A receipt from receipts@example.com to Alice (transactional):")
+    receipt = _sample(RECEIPTS, [ALICE], "Your receipt #1001", "Thank you.\n")
+    reply = await send(receipt, [ALICE])
+    print(f"   relay answered: {reply}")
+    _show(handler.messages[-1], dns)
+    print("   -> no List-Unsubscribe on transactional mail.")
+    print()
 
-        alice_copy = next(c for c in first if c.rcpt_tos == (ALICE,))
-        url = _header(alice_copy.data, "List-Unsubscribe").strip("<>").split(">")[0]
-        print("3. Alice presses Unsubscribe in her mail client (RFC 8058 one-click POST):")
-        print(f"   POST {url}")
-        async with aiohttp.ClientSession() as http:
-            async with http.get(url) as resp:
-                print(f"   (a GET only shows a page: {resp.status}, nothing changes)")
-            async with http.post(
-                url,
-                data="List-Unsubscribe=One-Click",
-                headers={"Content-Type": "application/x-www-form-urlencoded"},
-            ) as resp:
-                print(f"   -> {resp.status} {(await resp.text()).strip()}")
-        print()
+    alice_copy = next(c for c in first if c.rcpt_tos == (ALICE,))
+    url = _header(alice_copy.data, "List-Unsubscribe").strip("<>").split(">")[0]
+    print("3. Alice presses Unsubscribe in her mail client (RFC 8058 one-click POST):")
+    print(f"   POST {url}")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            print(f"   (a GET only shows a page: {resp.status}, nothing changes)")
+        async with http.post(
+            url,
+            data="List-Unsubscribe=One-Click",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ) as resp:
+            print(f"   -> {resp.status} {(await resp.text()).strip()}")
+    print()
 
-        print("4. The next newsletter to Alice and Bob, and another receipt to Alice:")
-        before = len(handler.messages)
-        news2 = _sample(NEWS, [ALICE, BOB], "December news", "More news.\n")
-        reply = await send(news2, [ALICE, BOB])
-        print(f"   newsletter: relay answered: {reply}")
-        receipt2 = _sample(RECEIPTS, [ALICE], "Your receipt #1002", "Thank you again.\n")
-        reply = await send(receipt2, [ALICE])
-        print(f"   receipt:    relay answered: {reply}")
-        for captured in handler.messages[before:]:
-            subject = _header(captured.data, "Subject")
-            print(f"   upstream got: {subject!r} for {list(captured.rcpt_tos)}")
-        newsletter_to_alice = any(
-            c.rcpt_tos == (ALICE,) and b"December news" in c.data for c in handler.messages
+    print("4. The next newsletter to Alice and Bob, and another receipt to Alice:")
+    before = len(handler.messages)
+    news2 = _sample(NEWS, [ALICE, BOB], "December news", "More news.\n")
+    reply = await send(news2, [ALICE, BOB])
+    print(f"   newsletter: relay answered: {reply}")
+    receipt2 = _sample(RECEIPTS, [ALICE], "Your receipt #1002", "Thank you again.\n")
+    reply = await send(receipt2, [ALICE])
+    print(f"   receipt:    relay answered: {reply}")
+    for captured in handler.messages[before:]:
+        subject = _header(captured.data, "Subject")
+        print(f"   upstream got: {subject!r} for {list(captured.rcpt_tos)}")
+    newsletter_to_alice = any(
+        c.rcpt_tos == (ALICE,) and b"December news" in c.data for c in handler.messages
+    )
+    receipt_to_alice = any(b"#1002" in c.data for c in handler.messages)
+    print()
+    ok = not newsletter_to_alice and receipt_to_alice
+    print(
+        "Result: "
+        + (
+            "Alice no longer gets the newsletter; Bob does; Alice still gets receipts."
+            if ok
+            else "UNEXPECTED: the unsubscribe did not take effect as it should."
         )
-        receipt_to_alice = any(b"#1002" in c.data for c in handler.messages)
+    )
+    if keep_running:
         print()
-        ok = not newsletter_to_alice and receipt_to_alice
-        print(
-            "Result: "
-            + (
-                "Alice no longer gets the newsletter; Bob does; Alice still gets receipts."
-                if ok
-                else "UNEXPECTED: the unsubscribe did not take effect as it should."
-            )
-        )
-        if keep_running:
-            print()
-            print("Still running (Ctrl-C to stop). Try:")
-            print(
-                f"  swaks --server 127.0.0.1:{relay.smtp_port} --from {NEWS} --to you@example.net"
-            )
-            bob_copy = next(c for c in handler.messages if c.rcpt_tos == (BOB,))
-            bob_url = _header(bob_copy.data, "List-Unsubscribe").strip("<>").split(">")[0]
-            print(
-                f"  open Bob's unsubscribe link in a browser and press the button:\n    {bob_url}"
-            )
-            print(f"  then send another newsletter to {BOB}: the relay skips him")
-            print(f"  captured mail: {out / 'captured'}   config: {out / 'oneclick-relay.yaml'}")
-            await asyncio.Event().wait()
-        return 0 if ok else 1
-    finally:
-        await relay.stop()
-        sink.close()
-        await sink.wait_closed()
-        if temp is not None:
-            temp.cleanup()
+        print("Still running (Ctrl-C to stop). Try:")
+        print(f"  swaks --server 127.0.0.1:{relay.smtp_port} --from {NEWS} --to you@example.net")
+        bob_copy = next(c for c in handler.messages if c.rcpt_tos == (BOB,))
+        bob_url = _header(bob_copy.data, "List-Unsubscribe").strip("<>").split(">")[0]
+        print(f"  open Bob's unsubscribe link in a browser and press the button:\n    {bob_url}")
+        print(f"  then send another newsletter to {BOB}: the relay skips him")
+        print(f"  captured mail: {out / 'captured'}   config: {out / 'oneclick-relay.yaml'}")
+        sys.stdout.flush()
+        await asyncio.Event().wait()
+    return 0 if ok else 1

@@ -13,6 +13,7 @@ from relay import __version__
 from relay.config import load_config
 from relay.errors import ConfigError, StoreUnavailable
 from relay.runtime import logs
+from relay.runtime.lifecycle import StartError
 from relay.runtime.loop import run_async
 from relay.suppression.store import MANUAL_REASONS
 
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, StartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

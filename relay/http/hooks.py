@@ -126,7 +126,8 @@ class EspHooks:
         """``fetch`` and ``url_allowed`` replace the HTTPS client and the SNS host check
         (tests serve their own certificate and confirmation URL)."""
         self._configs = {c.provider: c for c in configs}
-        self._intake = intake
+        self.intake = intake
+        """Public: a reload points it at the intake built from the new config."""
         self._metrics = metrics
         self._fetcher = HttpsFetcher()
         self._fetch: Fetch = fetch or self._fetcher
@@ -166,7 +167,7 @@ class EspHooks:
         if found is None:  # an SNS subscription message, handled
             return self._answer(provider, "subscription", 200, "ok")
         try:
-            applied = await self._intake.apply(found)
+            applied = await self.intake.apply(found)
         except StoreUnavailable:
             return self._answer(provider, "store-unavailable", 503, "try again later")
         log.info("esp webhook provider=%s events=%d %s", provider, len(found), applied)
@@ -205,7 +206,7 @@ class EspHooks:
             if not isinstance(signature, dict):
                 raise Unauthenticated("signature missing", missing=True)
             token = verify_mailgun(config.signing_key.reveal(), signature, now, config.max_skew)
-            if not await self._intake.first_use("mailgun-token", token, 2 * config.max_skew):
+            if not await self.intake.first_use("mailgun-token", token, 2 * config.max_skew):
                 raise Unauthenticated("token already used (replayed request)")
             return list(events.mailgun(data, groups))
         return await self._sns(config, request, body)

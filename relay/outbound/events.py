@@ -38,6 +38,7 @@ from relay.config import EventsConfig, NotifyConfig, WebhookConfig
 from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
 from relay.metrics import Metrics
+from relay.outbound.backoff import backoff
 from relay.outbound.upstream import Outbound, Upstream
 from relay.store.client import RedisClient, create_group, unavailable
 
@@ -108,8 +109,7 @@ class StreamConsumer:
         return handled
 
     def _backoff(self, deliveries: int) -> float:
-        delay: float = self._first_delay * 2 ** max(0, deliveries - 1)
-        return min(delay, self._max_delay)
+        return backoff(deliveries, self._first_delay, self._max_delay)
 
     async def _retry_due(self) -> int:
         pending = cast(

@@ -26,6 +26,7 @@ from relay.config import RetryConfig
 from relay.errors import SmtpReply, StoreUnavailable
 from relay.eventlog import EventLog
 from relay.metrics import Metrics
+from relay.outbound.backoff import backoff
 from relay.outbound.upstream import Outbound, Upstream
 from relay.store.client import RedisClient, unavailable
 
@@ -87,7 +88,7 @@ class RetryQueue:
                         "reply": reply,
                     },
                 )
-                pipe.zadd(self._zset, {item_id: now + self._config.first_delay})
+                pipe.zadd(self._zset, {item_id: now + self._delay(1)})
                 await pipe.execute()
         return item_id
 
@@ -120,6 +121,9 @@ class RetryQueue:
             due=due,
         )
 
+    def _delay(self, failures: int) -> float:
+        return backoff(failures, self._config.first_delay, self._config.max_delay)
+
     async def done(self, item_id: str) -> None:
         with unavailable("retry queue write"):
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -128,9 +132,8 @@ class RetryQueue:
                 await pipe.execute()
 
     async def defer(self, item: QueuedItem, reply: str) -> float:
-        attempts = item.attempts + 1
-        delay = min(self._config.first_delay * 2**attempts, self._config.max_delay)
-        due: float = self._clock() + delay
+        attempts = item.attempts + 1  # retries that failed; the first failure came before
+        due = self._clock() + self._delay(attempts + 1)
         with unavailable("retry queue write"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._item_key(item.id), mapping={"attempts": attempts, "reply": reply})

@@ -1,245 +1,299 @@
-"""Composition root: builds the store, signer, pipeline and servers, and stops them in order.
+"""The running relay: its parts entered into one ``AsyncExitStack``, left in reverse.
 
-Start order: Redis (embedded when ``redis.url`` is omitted) → store and retry
-queue → keys, tokens, policy → upstream pool → pipeline → HTTP → inbound
-listener (bounces, complaints, mailto) → SMTP → retry worker. Stop order is the
-reverse, with SMTP first: stop accepting, let in-flight transactions finish
-(``smtp.drain_timeout``), then the inbound listener the same way, then the rest.
+Start order (each step is undone by the stop, in reverse):
+
+1. files: DKIM keys, TLS certificate, AUTH users (a bad one stops here, nothing started)
+2. embedded Redis, when ``redis.url`` and ``redis.sentinel`` are omitted
+3. the Redis client (and the Sentinel master follower)
+4. the upstream pool (closed when everything that sends has stopped)
+5. daily counters (flushed one last time after everything that counts)
+6. retry worker
+7. event consumers (webhook, notification mail)
+8. HTTP (one-click, admin, ESP webhooks, metrics)
+9. inbound listener (bounces, complaints, mailto)
+10. SMTP
+11. event-loop lag monitor
+
+So a stop first closes the SMTP port and lets in-flight transactions finish
+(``smtp.drain_timeout``), then the inbound listener the same way, then HTTP, the
+consumers, the retry worker, the counters, the upstream, Redis. A start that fails
+at any step unwinds exactly the steps before it. A reload (``reload()``) builds new
+live parts (``relay.runtime.parts.Live``) and swaps them in; ``relay.runtime.reload``
+says which keys apply live and which wait for a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
-import socket
-import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from types import TracebackType
 
 from aiohttp import web
 
-from relay.config import Config, SmtpTlsConfig, load_config
+from relay.config import Config, load_config
 from relay.errors import ConfigError
-from relay.feedback.bounces import Classifier
 from relay.feedback.esp.intake import EspIntake
-from relay.feedback.intake import Intake
-from relay.feedback.record import Feedback
 from relay.http.admin import AdminApi
 from relay.http.hooks import EspHooks
 from relay.http.web import MAX_HEADERS, MAX_LINE, WebApp
 from relay.inbound.listener import InboundHandler, start_listener
 from relay.mail.dkim import Signer
-from relay.mail.tokens import TokenCodec
-from relay.mail.verp import Verp
 from relay.metrics import Metrics
-from relay.outbound.events import StreamConsumer, WebhookSender, build_consumers
-from relay.outbound.judge import RetryJudge
-from relay.outbound.pipeline import Pipeline
-from relay.outbound.policy import Policy
+from relay.outbound.events import build_consumers
 from relay.outbound.retry import RetryQueue, RetryWorker
 from relay.outbound.upstream import Upstream
-from relay.runtime import sdnotify
+from relay.runtime import parts, sdnotify
+from relay.runtime import reload as reloading
+from relay.runtime.lifecycle import Drained, background, bound_port, cannot_listen, listening
 from relay.runtime.looplag import LoopLagMonitor
-from relay.smtp.auth import Users
 from relay.smtp.server import RelayHandler, RelaySMTP
-from relay.store import client as redis_client
 from relay.store.client import RedisClient
-from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError
-from relay.store.inbound import InboundLog
-from relay.store.keys import Keys
-from relay.store.ledger import Ledger
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionPolicy, SuppressionStore
-from relay.suppression.unsubscribe import Unsubscriber
 
 log = logging.getLogger(__name__)
 
+check_files = parts.check_files
+
 
 @dataclass(frozen=True, slots=True)
-class _Parts:
-    """What a reload rebuilds: everything that depends only on the config file."""
+class _Running:
+    """What a start built that lives until the stop; a reload re-points its holders."""
 
-    policy: Policy
-    tokens: TokenCodec
-    signer: Signer
-    upstream: Upstream
-    verp: Verp | None
-
-
-def check_files(config: Config) -> None:
-    """Load keys, certificate and users file once; raises ConfigError naming the key."""
-    Signer.from_config(config.dkim)
-    if config.smtp.tls is not None:
-        _server_tls(config.smtp.tls)
-    if config.smtp.auth_users_file is not None:
-        Users.load(config.smtp.auth_users_file)
-
-
-def _build_parts(config: Config) -> _Parts:
-    return _Parts(
-        policy=Policy(config.policy),
-        tokens=TokenCodec(config.tokens),
-        signer=Signer.from_config(config.dkim),
-        upstream=Upstream(config.upstream, local_hostname=config.smtp.hostname),
-        verp=Verp.from_config(config),
-    )
+    stores: parts.Stores
+    redis_url: str
+    handler: RelayHandler
+    web_app: WebApp
+    web_runner: web.AppRunner
+    hooks: EspHooks | None
+    inbound: InboundHandler | None
+    retry_worker: RetryWorker
+    loop_lag: LoopLagMonitor
+    smtp_port: int
+    http_port: int
+    inbound_port: int
 
 
 class Relay:
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
-        """``reuse_port``: several worker processes share the listening ports."""
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, baseline: Config | None = None
+    ) -> None:
+        """``reuse_port``: several worker processes share the listening ports.
+
+        ``baseline``: the config as the file said it, when ``config`` was made concrete
+        by the supervisor (ports, the embedded Redis URL); a reload is compared with it.
+        """
         self.config = config
-        self._reuse_port = reuse_port
         self.metrics = Metrics()
-        self._embedded: EmbeddedRedis | None = None
-        self._redis: RedisClient | None = None
-        self._smtp_server: asyncio.Server | None = None
-        self._web_runner: web.AppRunner | None = None
-        self._retry_task: asyncio.Task[None] | None = None
-        self._lag_task: asyncio.Task[None] | None = None
-        self.loop_lag: LoopLagMonitor | None = None
-        self._consumers: list[StreamConsumer] = []
-        self._consumer_tasks: list[asyncio.Task[None]] = []
-        self._closers: list[WebhookSender] = []
-        self._counters_task: asyncio.Task[None] | None = None
-        self._follow_task: asyncio.Task[None] | None = None
-        self._counters: DailyCounters | None = None
-        self._parts: _Parts | None = None
-        self.handler: RelayHandler | None = None
-        self.inbound: InboundHandler | None = None
-        self._inbound_server: asyncio.Server | None = None
-        self.inbound_port = 0
-        self._feedback: Feedback | None = None
-        self.store: SuppressionStore | None = None
-        self.retry: RetryQueue | None = None
-        self.retry_worker: RetryWorker | None = None
-        self.smtp_port = 0
-        self.http_port = 0
-        self.esp_intake: EspIntake | None = None
+        self.drained = Drained()
+        self._baseline = baseline or config
+        self._reuse_port = reuse_port
+        self._stack: AsyncExitStack | None = None
+        self._running: _Running | None = None
+        self._live: parts.Live | None = None
+        self._events: AsyncExitStack | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    # -- what tests, the demo and the benchmarks read -----------------------------------
+
+    def _started(self) -> _Running:
+        if self._running is None:
+            raise RuntimeError("the relay is not started")
+        return self._running
 
     @property
-    def counters(self) -> DailyCounters:
-        assert self._counters is not None, "start() first"
-        return self._counters
+    def started(self) -> bool:
+        """Between the end of ``start()`` and the beginning of ``stop()``."""
+        return self._stack is not None
 
     @property
-    def signer(self) -> Signer:
-        assert self._parts is not None
-        return self._parts.signer
+    def smtp_port(self) -> int:
+        return self._running.smtp_port if self._running else 0
+
+    @property
+    def http_port(self) -> int:
+        return self._running.http_port if self._running else 0
+
+    @property
+    def inbound_port(self) -> int:
+        return self._running.inbound_port if self._running else 0
 
     @property
     def redis_url(self) -> str:
-        if self._embedded is not None:
-            return self._embedded.url
-        return self.config.redis.url or f"sentinel:{self.config.redis.sentinel}"
+        return self._started().redis_url
+
+    @property
+    def redis(self) -> RedisClient:
+        return self._started().stores.redis
+
+    @property
+    def store(self) -> SuppressionStore:
+        return self._started().stores.store
+
+    @property
+    def retry(self) -> RetryQueue:
+        return self._started().stores.retry
+
+    @property
+    def counters(self) -> DailyCounters:
+        return self._started().stores.counters
+
+    @property
+    def handler(self) -> RelayHandler:
+        return self._started().handler
+
+    @property
+    def inbound(self) -> InboundHandler | None:
+        return self._started().inbound
+
+    @property
+    def esp_intake(self) -> EspIntake | None:
+        running = self._started()
+        return running.hooks.intake if running.hooks is not None else None
+
+    @property
+    def retry_worker(self) -> RetryWorker:
+        return self._started().retry_worker
+
+    @property
+    def loop_lag(self) -> LoopLagMonitor:
+        return self._started().loop_lag
+
+    @property
+    def web_runner(self) -> web.AppRunner:
+        return self._started().web_runner
+
+    @property
+    def live(self) -> parts.Live:
+        if self._live is None:
+            raise RuntimeError("the relay is not started")
+        return self._live
+
+    @property
+    def signer(self) -> Signer:
+        return self.live.signer
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.live.upstream
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
 
     async def start(self) -> None:
-        config = self.config
-        parts = _build_parts(config)
-        if config.redis.url is None and config.redis.sentinel is None:
-            try:
-                self._embedded = await asyncio.to_thread(EmbeddedRedis().start)
-            except EmbeddedRedisError as exc:
-                raise ConfigError("redis.url", f"not set, and no embedded Redis: {exc}") from None
-            log.info("embedded redis started url=%s", self._embedded.url)
-        self._redis = redis_client.connect_config(
-            config.redis, self._embedded.url if self._embedded else None
-        )
-        await redis_client.prepare(self._redis)
-        self._follow_task = asyncio.get_running_loop().create_task(
-            redis_client.follow_master(self._redis)
-        )
-        self.store = SuppressionStore(
-            self._redis,
-            config.redis.key_prefix,
-            policy=SuppressionPolicy.from_config(config.suppression),
-        )
-        self.retry = RetryQueue(self._redis, config.redis.key_prefix, config.retry)
-        self._counters = DailyCounters(self._redis, config.redis.key_prefix)
-        self._feedback = Feedback(
-            self.store, config.bounces.thresholds, self._counters, self.metrics
-        )
-        self._parts = parts
-        pipeline = self._pipeline(config, parts)
-        users = Users.load(config.smtp.auth_users_file) if config.smtp.auth_users_file else None
-        self.handler = RelayHandler(pipeline, config.smtp, self.metrics, users)
-        tls_context = _server_tls(config.smtp.tls) if config.smtp.tls else None
+        """Start every part in order; when one fails, stop those started before it."""
+        if self._stack is not None:
+            raise RuntimeError("the relay is already started")
+        async with AsyncExitStack() as stack:
+            await self._enter(stack)
+            self._stack = stack.pop_all()
 
-        unsubscriber = Unsubscriber(
-            parts.tokens, self.store, config.policy, self.metrics, self.counters
+    async def stop(self) -> None:
+        """Stop every part in reverse order (safe to call twice, or before a start)."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        await stack.aclose()
+        log.info("relay stopped")
+
+    async def _enter(self, stack: AsyncExitStack) -> None:
+        config, metrics = self.config, self.metrics
+        files = parts.load_files(config)  # every file read before anything starts
+        signer = Signer.from_config(config.dkim)
+
+        url = None
+        if parts.needs_embedded(config):
+            url = (await stack.enter_async_context(parts.embedded_redis())).url
+        stores = await stack.enter_async_context(parts.open_stores(config, url))
+        live = self._live = parts.live(config, stores, metrics, signer=signer)
+        stack.push_async_callback(self._close_upstreams)
+
+        counters = stores.counters
+        await stack.enter_async_context(background("counters", counters.run, counters.stop))
+        retry_worker = RetryWorker(stores.retry, live.upstream, metrics, config.retry.poll_interval)
+        retry_worker.judge = live.judge
+        await stack.enter_async_context(
+            background("retry-worker", retry_worker.run, retry_worker.stop)
         )
-        self._web = WebApp(unsubscriber, self.store, self.metrics, config.http.trusted_proxies)
-        admin = (
-            AdminApi(
-                self.store,
-                self.retry,
-                config.http.admin_token,
-                self._counters,
-                metrics=self.metrics,
-            )
-            if config.http.admin_token is not None
+        stack.push_async_callback(self._close_events)
+        await self._open_events(stores, live)
+
+        web_app = WebApp(
+            live.handling.unsubscriber, stores.store, metrics, config.http.trusted_proxies
+        )
+        hooks = (
+            EspHooks(config.esp_webhooks, live.handling.esp, metrics)
+            if config.esp_webhooks
             else None
         )
-        self._web_runner = web.AppRunner(
-            self._web.build(
-                config.http.max_body_size, admin, self._esp_hooks(config, unsubscriber)
-            ),
-            access_log=None,
-            handle_signals=False,
-            max_headers=MAX_HEADERS,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_LINE,
-        )
-        await self._web_runner.setup()
-        site = web.TCPSite(
-            self._web_runner,
-            config.http.listen.host,
-            config.http.listen.port,
-            reuse_port=self._reuse_port or None,
-        )
-        await site.start()
-        self.http_port = int(self._web_runner.addresses[0][1])
+        runner = await stack.enter_async_context(self._http(stores, web_app, hooks))
 
-        if config.bounces.listen is not None:
-            self.inbound = InboundHandler(
-                self._intake(config, parts, unsubscriber), config.bounces.protocol == "lmtp"
+        inbound, inbound_port = None, 0
+        drain = config.smtp.drain_timeout
+        bounces = config.bounces
+        if bounces.listen is not None:
+            inbound = InboundHandler(live.handling.intake, bounces.protocol == "lmtp")
+            listener = await stack.enter_async_context(
+                listening(
+                    "bounces.listen",
+                    bounces.listen,
+                    lambda: start_listener(
+                        inbound, bounces, config.smtp.hostname, reuse_port=self._reuse_port
+                    ),
+                    inbound.drain,
+                    drain,
+                    self.drained,
+                    "inbound messages",
+                )
             )
-            self._inbound_server = await start_listener(
-                self.inbound, config.bounces, config.smtp.hostname, reuse_port=self._reuse_port
+            inbound_port = bound_port(listener)
+
+        handler = RelayHandler(live.pipeline, config.smtp, metrics, files.users)
+        smtp = await stack.enter_async_context(
+            listening(
+                "smtp.listen",
+                config.smtp.listen,
+                lambda: self._smtp_server(handler, files),
+                handler.drain,
+                drain,
+                self.drained,
+                "transactions",
             )
-            self.inbound_port = _bound_port(self._inbound_server)
+        )
+        loop_lag = LoopLagMonitor(metrics)
+        await stack.enter_async_context(background("loop-lag", loop_lag.run, loop_lag.stop))
 
-        handler = self.handler
-        loop = asyncio.get_running_loop()
-        implicit = config.smtp.tls is not None and config.smtp.tls.mode == "implicit"
-        self._smtp_server = await loop.create_server(
-            lambda: RelaySMTP(handler, config.smtp, tls_context),
-            config.smtp.listen.host,
-            config.smtp.listen.port,
-            reuse_port=self._reuse_port or None,
-            ssl=tls_context if implicit else None,
+        self._running = _Running(
+            stores=stores,
+            redis_url=url or config.redis.url or f"sentinel:{config.redis.sentinel}",
+            handler=handler,
+            web_app=web_app,
+            web_runner=runner,
+            hooks=hooks,
+            inbound=inbound,
+            retry_worker=retry_worker,
+            loop_lag=loop_lag,
+            smtp_port=bound_port(smtp),
+            http_port=int(runner.addresses[0][1]),
+            inbound_port=inbound_port,
         )
-        self.smtp_port = _bound_port(self._smtp_server)
-
-        self.retry_worker = RetryWorker(
-            self.retry, parts.upstream, self.metrics, config.retry.poll_interval
-        )
-        self.retry_worker.judge = self._retry_judge(config, parts)
-        self._retry_task = loop.create_task(self.retry_worker.run())
-        self.loop_lag = LoopLagMonitor(self.metrics)
-        self._lag_task = loop.create_task(self.loop_lag.run())
-        self._consumers, self._closers = build_consumers(
-            self._redis,
-            self.store.events_key,
-            config.events,
-            parts.upstream,
-            config.smtp.hostname,
-            self.metrics,
-        )
-        self._consumer_tasks = [loop.create_task(c.run()) for c in self._consumers]
-        self._counters_task = loop.create_task(self.counters.run())
         log.info(
             "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s inbound=%s verp=%s",
             config.smtp.listen.host,
@@ -248,149 +302,141 @@ class Relay:
             self.http_port,
             config.upstream.host,
             config.upstream.port,
-            ",".join(parts.signer.domains) or "-",
-            f"{config.bounces.protocol}:{self.inbound_port}" if self.inbound else "-",
+            ",".join(live.signer.domains) or "-",
+            f"{config.bounces.protocol}:{inbound_port}" if inbound else "-",
             config.bounces.return_path_domain or "-",
         )
 
-    def _pipeline(self, config: Config, parts: _Parts) -> Pipeline:
-        assert self.store is not None and self.retry is not None
-        return Pipeline(
-            config=config,
-            policy=parts.policy,
-            store=self.store,
-            tokens=parts.tokens,
-            signer=parts.signer,
-            upstream=parts.upstream,
-            retry=self.retry,
-            metrics=self.metrics,
-            counters=self.counters,
-            verp=parts.verp,
-            feedback=self._feedback,
+    async def _smtp_server(self, handler: RelayHandler, files: parts.Files) -> asyncio.Server:
+        smtp = self.config.smtp
+        implicit = smtp.tls is not None and smtp.tls.mode == "implicit"
+        return await asyncio.get_running_loop().create_server(
+            lambda: RelaySMTP(handler, smtp, files.tls),
+            smtp.listen.host,
+            smtp.listen.port,
+            reuse_port=self._reuse_port or None,
+            ssl=files.tls if implicit else None,
         )
 
-    def _intake(self, config: Config, parts: _Parts, unsubscriber: Unsubscriber) -> Intake:
-        assert self._redis is not None and self.store is not None and self._feedback is not None
-        return Intake(
-            config=config,
-            records=InboundLog(self._redis, Keys(config.redis.key_prefix)),
-            store=self.store,
-            unsubscriber=unsubscriber,
-            feedback=self._feedback,
-            verp=parts.verp,
-            metrics=self.metrics,
+    @contextlib.asynccontextmanager
+    async def _http(
+        self, stores: parts.Stores, web_app: WebApp, hooks: EspHooks | None
+    ) -> AsyncIterator[web.AppRunner]:
+        http = self.config.http
+        admin = (
+            AdminApi(
+                stores.store,
+                stores.retry,
+                http.admin_token,
+                stores.counters,
+                metrics=self.metrics,
+            )
+            if http.admin_token is not None
+            else None
         )
-
-    def _esp_hooks(self, config: Config, unsubscriber: Unsubscriber) -> EspHooks | None:
-        if not config.esp_webhooks:
-            return None
-        assert self._feedback is not None and self._counters is not None
-        assert self.store is not None and self._redis is not None
-        intake = EspIntake(
-            feedback=self._feedback,
-            store=self.store,
-            unsubscriber=unsubscriber,
-            counters=self._counters,
-            ledger=Ledger(self._redis, Keys(config.redis.key_prefix)),
-            metrics=self.metrics,
+        runner = web.AppRunner(
+            web_app.build(http.max_body_size, admin, hooks),
+            access_log=None,
+            handle_signals=False,
+            max_headers=MAX_HEADERS,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_LINE,
         )
-        self.esp_intake = intake
-        return EspHooks(config.esp_webhooks, intake, self.metrics)
+        await runner.setup()
+        try:
+            site = web.TCPSite(
+                runner, http.listen.host, http.listen.port, reuse_port=self._reuse_port or None
+            )
+            try:
+                await site.start()
+            except OSError as exc:
+                raise cannot_listen("http.listen", http.listen, exc) from None
+            yield runner
+        finally:
+            await runner.cleanup()
 
-    def _retry_judge(self, config: Config, parts: _Parts) -> RetryJudge:
-        assert self._feedback is not None
-        return RetryJudge(self._feedback, Classifier(config.bounces.classify), parts.verp)
+    async def _open_events(self, stores: parts.Stores, live: parts.Live) -> None:
+        consumers, closers = build_consumers(
+            stores.redis,
+            stores.store.events_key,
+            live.config.events,
+            live.upstream,
+            live.config.smtp.hostname,
+            self.metrics,
+        )
+        async with AsyncExitStack() as stack:
+            for closer in closers:
+                stack.push_async_callback(closer.close)
+            for index, consumer in enumerate(consumers):
+                await stack.enter_async_context(
+                    background(f"events-{index}", consumer.run, consumer.stop)
+                )
+            self._events = stack.pop_all()
+
+    async def _close_events(self) -> None:
+        events, self._events = self._events, None
+        if events is not None:
+            await events.aclose()
+
+    async def _close_upstreams(self) -> None:
+        if self._retiring:
+            await asyncio.wait(set(self._retiring))
+        if self._live is not None:
+            await self._live.upstream.close()
+
+    # -- reload -------------------------------------------------------------------------
 
     async def reload(self, config: Config) -> None:
-        """Swap in a new config's policy, keys and upstream; listeners stay as they are."""
-        assert self.handler is not None and self._parts is not None and self.store is not None
-        for name in ("smtp", "http", "redis"):
-            if getattr(config, name) != getattr(self.config, name):
-                log.warning("reload: %s settings change only on restart", name)
-        old_inbound = (self.config.bounces.listen, self.config.bounces.protocol)
-        if (config.bounces.listen, config.bounces.protocol) != old_inbound:
-            log.warning("reload: bounces.listen and bounces.protocol change only on restart")
-        parts = _build_parts(config)
-        old = self._parts
-        self._parts = parts
-        self.config = config
-        self.store.set_policy(SuppressionPolicy.from_config(config.suppression))
-        self._feedback = Feedback(
-            self.store, config.bounces.thresholds, self.counters, self.metrics
-        )
-        self.handler.pipeline = self._pipeline(config, parts)
-        self._web.unsubscriber = Unsubscriber(
-            parts.tokens, self.store, config.policy, self.metrics, self.counters
-        )
-        if self.inbound is not None:
-            self.inbound.intake = self._intake(config, parts, self._web.unsubscriber)
-        if self.retry_worker is not None:
-            self.retry_worker.upstream = parts.upstream
-            self.retry_worker.judge = self._retry_judge(config, parts)
-        await old.upstream.close()
+        """Build new live parts from ``config`` and swap them in; say what waits for a restart.
+
+        Raises ConfigError (a key file that does not load) with nothing changed.
+        """
+        running, old = self._started(), self.live
+        plan = reloading.plan(self._baseline, self.config, config)
+        keep = old.upstream if plan.config.upstream == old.config.upstream else None
+        live = parts.live(plan.config, running.stores, self.metrics, upstream=keep)
+        suppression = SuppressionPolicy.from_config(plan.config.suppression)
+
+        self._live, self.config, self._baseline = live, plan.config, config
+        running.stores.store.set_policy(suppression)
+        running.handler.pipeline = live.pipeline
+        running.web_app.unsubscriber = live.handling.unsubscriber
+        if running.inbound is not None:
+            running.inbound.intake = live.handling.intake
+        if running.hooks is not None:
+            running.hooks.intake = live.handling.esp
+        running.retry_worker.upstream = live.upstream
+        running.retry_worker.judge = live.judge
+        if live.config.events != old.config.events or live.upstream is not old.upstream:
+            await self._close_events()
+            await self._open_events(running.stores, live)
+        for key in plan.restart:
+            log.warning("reload: %s changed; it applies after a restart (running value kept)", key)
         log.info(
-            "reload done senders=%d dkim_keys=%d",
+            "reload done senders=%d dkim_keys=%d applied=%s",
             len(config.policy.senders),
             len(config.dkim.keys),
+            ",".join(plan.live) or "-",
         )
+        if live.upstream is not old.upstream:
+            await self._retire(old.upstream)
 
-    async def stop(self) -> None:
-        if self._smtp_server is not None:
-            self._smtp_server.close()
-        if self.handler is not None:
-            left = await self.handler.drain(self.config.smtp.drain_timeout)
-            if left:
-                log.error("shutdown: %d transactions still running were cut", left)
-        if self._inbound_server is not None:
-            self._inbound_server.close()
-        if self.inbound is not None:
-            left = await self.inbound.drain(self.config.smtp.drain_timeout)
-            if left:
-                log.error("shutdown: %d inbound messages still being processed were cut", left)
-        if self.retry_worker is not None:
-            self.retry_worker.stop()
-        if self.loop_lag is not None:
-            self.loop_lag.stop()
-        for consumer in self._consumers:
-            consumer.stop()
-        if self._counters is not None:
-            self._counters.stop()
-        tasks = (self._retry_task, self._lag_task, self._counters_task)
-        background = {t for t in tasks if t is not None}
-        background.update(self._consumer_tasks)
-        if background:
-            _, pending = await asyncio.wait(background, timeout=5)
-            for task in pending:
-                task.cancel()
-        for closer in self._closers:
-            await closer.close()
-        if self._web_runner is not None:
-            await self._web_runner.cleanup()
-        if self._parts is not None:
-            await self._parts.upstream.close()
-        if self._follow_task is not None:
-            self._follow_task.cancel()
-        if self._redis is not None:
-            await redis_client.close(self._redis)
-        if self._embedded is not None:
-            await asyncio.to_thread(self._embedded.stop)
-            self._embedded = None
-        log.info("relay stopped")
+    async def _retire(self, upstream: Upstream) -> None:
+        """Close a replaced upstream pool once the transactions already using it are done."""
+        running = self._started()
+        inflight = set(running.handler.inflight)
+        if running.inbound is not None:
+            inflight |= running.inbound.inflight
 
+        async def close() -> None:
+            if inflight:
+                await asyncio.wait(inflight, timeout=self.config.smtp.drain_timeout)
+            await upstream.close()
 
-def _server_tls(config: SmtpTlsConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(config.cert_file, config.key_file)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError("smtp.tls.cert_file", f"cannot load certificate/key: {exc}") from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
-def _bound_port(server: asyncio.Server) -> int:
-    sock: socket.socket = server.sockets[0]
-    return int(sock.getsockname()[1])
+        task = asyncio.get_running_loop().create_task(close(), name="upstream-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        await asyncio.shield(task)
 
 
 async def serve(
@@ -398,20 +444,18 @@ async def serve(
     ready: Callable[[Relay], None] | None = None,
     *,
     reuse_port: bool = False,
+    baseline: Config | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the config file (the old one stays if bad)."""
-    relay = Relay(config, reuse_port=reuse_port)
-    await relay.start()
-    # Everything built so far lives as long as the process: keep it out of the
-    # collector's full passes, which otherwise pause the loop for 15-20 ms.
-    gc.collect()
-    gc.freeze()
-    if ready is not None:
-        ready(relay)
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config file (the old one stays if bad).
+
+    Returns 0, or 1 when the drain overran ``smtp.drain_timeout`` and cut transactions.
+    """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the start: a SIGTERM then still stops
         loop.add_signal_handler(sig, stopping.set)
+    relay = Relay(config, reuse_port=reuse_port, baseline=baseline)
+    reloads: set[asyncio.Task[None]] = set()
 
     async def reload() -> None:
         sdnotify.notify("RELOADING=1")
@@ -423,17 +467,44 @@ async def serve(
         finally:
             sdnotify.notify("READY=1")
 
-    reloads: set[asyncio.Task[None]] = set()
-
     def on_hup() -> None:
+        if not relay.started or stopping.is_set():
+            log.warning(
+                "reload ignored: the relay is %s", "running" if relay.started else "starting"
+            )
+            return
         task = loop.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    sdnotify.notify(f"READY=1\nSTATUS=serving smtp {relay.smtp_port} http {relay.http_port}")
-    await stopping.wait()
-    sdnotify.notify("STOPPING=1")
-    log.info("shutdown requested: no new connections, draining in-flight transactions")
-    await relay.stop()
+    try:
+        await relay.start()
+        try:
+            # Everything built so far lives as long as the process: keep it out of the
+            # collector's full passes, which otherwise pause the loop for 15-20 ms.
+            gc.collect()
+            gc.freeze()
+            if ready is not None:
+                ready(relay)
+            sdnotify.notify(
+                f"READY=1\nSTATUS=serving smtp {relay.smtp_port} http {relay.http_port}"
+            )
+            await stopping.wait()
+            sdnotify.notify("STOPPING=1")
+            log.info("shutdown requested: no new connections, draining in-flight transactions")
+            if reloads:
+                await asyncio.wait(set(reloads))
+        finally:
+            await relay.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    if relay.drained.cut:
+        log.error(
+            "shutdown: exit status 1: %d transaction(s) cut after smtp.drain_timeout=%gs",
+            relay.drained.cut,
+            config.smtp.drain_timeout,
+        )
+        return 1
     return 0

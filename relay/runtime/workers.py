@@ -9,6 +9,8 @@ them, and restarts a worker that died unexpectedly.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -19,33 +21,58 @@ import time
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Protocol
 
 from relay.config import Config, HostPort
 from relay.errors import ConfigError
+from relay.runtime.lifecycle import StartError, check_port
 from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
 MAX_RESTARTS_PER_MINUTE = 5
 
 
-def _child(config: Config) -> None:
+class EventLike(Protocol):
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+
+def _child(config: Config, baseline: Config, started: EventLike) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _die_with_parent()
     from relay.runtime.app import serve
     from relay.runtime.loop import run_async
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
     try:
-        status = run_async(serve(config, reuse_port=True))
+        status = run_async(
+            serve(config, lambda _: started.set(), reuse_port=True, baseline=baseline)
+        )
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         status = EXIT_CONFIG
-    except OSError as exc:
-        print(f"error: cannot listen: {exc}", file=sys.stderr)
-        status = EXIT_CONFIG
+    except (StartError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = EXIT_RUNTIME
     raise SystemExit(status)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies, even by SIGKILL (no orphans)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def mark_process_dead(pid: int | None) -> None:
@@ -57,7 +84,7 @@ def mark_process_dead(pid: int | None) -> None:
 
 def preflight(config: Config) -> None:
     """Load everything a worker would load from files, so errors surface in the parent."""
-    from relay.runtime.app import check_files
+    from relay.runtime.parts import check_files
 
     check_files(config)
 
@@ -67,86 +94,133 @@ def _concrete(listen: HostPort) -> HostPort:
 
 
 def run_workers(config: Config) -> int:
-    """Serve with ``config.smtp.workers`` processes; returns the exit status."""
+    """Serve with ``config.smtp.workers`` processes; returns the exit status.
+
+    0 after a clean stop; 2 when a worker met a config error; 1 when a worker could
+    not start (a port in use), when workers keep dying, or when a worker's drain cut
+    transactions. The embedded Redis is stopped on every way out.
+    """
     if config.smtp.workers <= 1:
         from relay.runtime.app import serve
         from relay.runtime.loop import run_async
 
         return run_async(serve(config))
+    baseline = config
     metrics_dir = tempfile.TemporaryDirectory(prefix="oneclick-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir.name  # before prometheus_client is imported
-    preflight(config)  # key, certificate and users-file errors exit 2 before any fork
-
-    embedded = None
-    if config.redis.url is None and config.redis.sentinel is None:
-        try:
-            embedded = EmbeddedRedis().start()
-        except EmbeddedRedisError as exc:
-            raise ConfigError("redis.url", f"not set, and no embedded Redis: {exc}") from None
-        config = replace(config, redis=replace(config.redis, url=embedded.url))
-    config = replace(
-        config,
-        smtp=replace(config.smtp, listen=_concrete(config.smtp.listen)),
-        http=replace(config.http, listen=_concrete(config.http.listen)),
-    )
-    if config.bounces.listen is not None:  # every worker shares the inbound port too
-        bounces = replace(config.bounces, listen=_concrete(config.bounces.listen))
-        config = replace(config, bounces=bounces)
     ctx = multiprocessing.get_context("fork")
     stopping = False
     status = 0
     deaths: list[float] = []
-    procs: list[BaseProcess] = []
+    procs: list[tuple[BaseProcess, EventLike]] = []
+    embedded: EmbeddedRedis | None = None
 
-    def start() -> BaseProcess:
-        proc = ctx.Process(target=_child, args=(config,), daemon=False)
-        proc.start()
-        return proc
+    supervisor = os.getpid()
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if os.getpid() != supervisor:  # a worker between fork and its own handlers
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
-        for proc in procs:
+        for proc, _ in procs:
             if proc.pid and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
+    def stop_all(exit_status: int) -> None:
+        nonlocal status, stopping
+        status = max(status, exit_status)
+        stopping = True
+        forward(signal.SIGTERM, None)
+
+    # Before anything is started: a SIGTERM from now on stops what has started.
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
     try:
-        procs.extend(start() for _ in range(config.smtp.workers))
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, forward)
+        preflight(config)  # key, certificate and users-file errors exit 2 before any fork
+        config = _concrete_ports(config)
+        for key, listen in _listeners(config):
+            check_port(key, listen)  # a port in use: one line, exit 1, nothing started
+        if config.redis.url is None and config.redis.sentinel is None:
+            try:
+                embedded = EmbeddedRedis()
+                embedded.start()
+            except EmbeddedRedisError as exc:
+                raise ConfigError("redis.url", f"not set, and no embedded Redis: {exc}") from None
+            config = replace(config, redis=replace(config.redis, url=embedded.url))
+
+        def start() -> tuple[BaseProcess, EventLike]:
+            started = ctx.Event()
+            proc = ctx.Process(target=_child, args=(config, baseline, started), daemon=False)
+            proc.start()
+            return proc, started
+
+        for _ in range(config.smtp.workers):
+            if not stopping:
+                procs.append(start())
         log.info(
             "started %d workers smtp=%s http=%s", len(procs), config.smtp.listen, config.http.listen
         )
         while procs:
-            for proc in list(procs):
+            for entry in list(procs):
+                proc, started = entry
                 proc.join(timeout=0.2)
                 if proc.exitcode is None:
                     continue
                 mark_process_dead(proc.pid)
+                procs.remove(entry)
+                code = proc.exitcode
                 if stopping:
-                    procs.remove(proc)
-                elif proc.exitcode == EXIT_CONFIG:
+                    if code != 0:  # a cut drain (the worker said how many), or no start
+                        status = max(status, EXIT_RUNTIME)
+                        if started.is_set():
+                            log.error("worker pid=%s stopped with status %s", proc.pid, code)
+                elif code == EXIT_CONFIG:
                     log.error("worker exited with a config error; stopping")
-                    status = EXIT_CONFIG
-                    stopping = True
-                    forward(signal.SIGTERM, None)
-                    procs.remove(proc)
+                    stop_all(EXIT_CONFIG)
+                elif not started.is_set():
+                    log.error("worker pid=%s could not start (status %s); stopping", proc.pid, code)
+                    stop_all(EXIT_RUNTIME)
                 else:
                     now = time.monotonic()
                     deaths[:] = [t for t in deaths if now - t < 60] + [now]
                     if len(deaths) > MAX_RESTARTS_PER_MINUTE:
                         log.error("workers keep dying; stopping so the supervisor can act")
-                        status = 1
-                        stopping = True
-                        forward(signal.SIGTERM, None)
-                        procs.remove(proc)
+                        stop_all(EXIT_RUNTIME)
                         continue
-                    log.error("worker pid=%s died status=%s; restarting", proc.pid, proc.exitcode)
+                    log.error("worker pid=%s died status=%s; restarting", proc.pid, code)
                     time.sleep(0.5)
-                    procs[procs.index(proc)] = start()
+                    if not stopping:
+                        procs.append(start())
         return status
     finally:
+        for proc, _ in procs:  # only after an error in this loop: leave no worker behind
+            proc.terminate()
+            proc.join(10)
         if embedded is not None:
             embedded.stop()
         metrics_dir.cleanup()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _listeners(config: Config) -> list[tuple[str, HostPort]]:
+    found = [("smtp.listen", config.smtp.listen), ("http.listen", config.http.listen)]
+    if config.bounces.listen is not None:
+        found.append(("bounces.listen", config.bounces.listen))
+    return found
+
+
+def _concrete_ports(config: Config) -> Config:
+    """Port 0 becomes one free port that every worker listens on."""
+    config = replace(
+        config,
+        smtp=replace(config.smtp, listen=_concrete(config.smtp.listen)),
+        http=replace(config.http, listen=_concrete(config.http.listen)),
+    )
+    if config.bounces.listen is not None:
+        bounces = replace(config.bounces, listen=_concrete(config.bounces.listen))
+        config = replace(config, bounces=bounces)
+    return config

@@ -180,7 +180,7 @@ async def test_openapi_document_matches_the_routes(admin_relay: Relay) -> None:
     assert body["openapi"].startswith("3.")
     served = {
         (route.method.lower(), route.resource.canonical)
-        for route in admin_relay._web_runner.app.router.routes()  # type: ignore[union-attr]
+        for route in admin_relay.web_runner.app.router.routes()
         if route.resource is not None
         and route.resource.canonical.startswith("/admin/")
         and route.method != "HEAD"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Sink
-from helpers import message, smtp_send, write_yaml
+from helpers import children, group_members, message, smtp_send, write_yaml
 
 from relay.store.embedded import free_port
 
@@ -181,3 +183,154 @@ def test_worker_config_error_exits_2_without_restart_loop(
     done = serve_until_exit(config_dict, tmp_path)
     assert done.returncode == 2
     assert "dkim[0].private_key_file" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# A failed start, a stop and a drain that overran leave nothing running
+
+
+def start_in_group(args: list[str], log: Path) -> subprocess.Popen[str]:
+    """``python -m relay ARGS`` as the leader of its own process group: every process it
+    starts (workers, an embedded Redis) is in the group and can be found afterwards."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+async def assert_nothing_left(pgid: int) -> None:
+    for _ in range(50):
+        if not group_members(pgid):
+            return
+        await asyncio.sleep(0.1)
+    left = group_members(pgid)
+    for pid in left:  # do not leak them into the other tests
+        os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"processes left running: {left}")
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "error" in line.lower()]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("taken", ["smtp", "http"])
+async def test_a_port_in_use_is_one_line_exit_1_and_leaves_no_embedded_redis(
+    config_dict: dict[str, Any], tmp_path: Path, workers: int, taken: str
+) -> None:
+    del config_dict["redis"]  # the embedded Redis: a child process
+    config_dict["smtp"]["workers"] = workers
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    for name in ("smtp", "http"):
+        config_dict[name]["listen"] = f"127.0.0.1:{port if name == taken else free_port()}"
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    log = tmp_path / "relay.log"
+    with holder:
+        proc = start_in_group(["serve", "-c", str(path)], log)
+        code = await wait_exit(proc, 30)
+    output = log.read_text()
+    assert code == 1, output
+    assert error_lines(output) == [
+        f"error: {taken}.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ], output
+    assert "Traceback" not in output
+    await assert_nothing_left(proc.pid)
+
+
+async def test_an_unloadable_certificate_is_one_line_exit_2_before_anything_starts(
+    config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    del config_dict["redis"]
+    garbage = tmp_path / "cert.pem"
+    garbage.write_text("not a certificate\n")
+    config_dict["smtp"]["tls"] = {"cert_file": str(garbage), "key_file": str(garbage)}
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    log = tmp_path / "relay.log"
+    proc = start_in_group(["serve", "-c", str(path)], log)
+    assert await wait_exit(proc, 30) == 2
+    output = log.read_text()
+    [line] = output.splitlines()
+    assert line.startswith("config error: smtp.tls.cert_file: cannot load certificate/key")
+    await assert_nothing_left(proc.pid)
+
+
+async def test_demo_keep_running_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    log = tmp_path / "demo.log"
+    proc = start_in_group(["demo", "--keep-running", "--out", str(tmp_path / "demo")], log)
+    try:
+        for _ in range(600):
+            if "Still running" in log.read_text() or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert "Still running" in log.read_text(), log.read_text()
+        assert len(group_members(proc.pid)) >= 2  # the demo and its embedded Redis
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in log.read_text()
+    await assert_nothing_left(proc.pid)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_drain_that_overran_exits_1_and_says_how_many_were_cut(
+    config_dict: dict[str, Any], sink: Sink, tmp_path: Path, workers: int
+) -> None:
+    config_dict["smtp"]["drain_timeout"] = 0.5
+    served = await serve(config_dict, tmp_path, workers=workers)
+    sink.handler.delay = 5
+    sending = [
+        asyncio.create_task(
+            smtp_send(served.smtp, "x@example.com", [f"u{i}@example.net"], message())
+        )
+        for i in range(2)
+    ]
+    await asyncio.sleep(1.0)  # both are now waiting on the slow upstream
+    served.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(served.proc) == 1, served.output()
+    output = served.output()
+    cut = [
+        int(n) for n in re.findall(r"shutdown: (\d+) transactions still running were cut", output)
+    ]
+    assert sum(cut) == 2, output
+    if workers == 1:
+        assert "2 transaction(s) cut after smtp.drain_timeout=0.5s" in output
+    for task in sending:  # the clients never got a 250: they still have their messages
+        result = await asyncio.gather(task, return_exceptions=True)
+        assert not (isinstance(result[0], tuple) and result[0][0] == 250)
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers: the kernel does it."""
+    served = await serve(config_dict, tmp_path, workers=2)
+    workers = children(served.proc.pid)
+    assert len(workers) == 2
+    served.proc.kill()
+    served.proc.wait()
+    for _ in range(100):
+        if not _live(workers):
+            break
+        await asyncio.sleep(0.1)
+    assert _live(workers) == [], "workers outlived their supervisor"
+
+
+def _live(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive

@@ -209,8 +209,8 @@ async def test_one_click_post_writes_to_the_owning_node(
     assert code == 250 and "suppressed 2" in text, text
     assert delivered_to(sink, before) == sorted([BOB, DAN])
 
-    assert relay._redis is not None
-    events = await relay._redis.xrange("ocr:events")
+    assert relay.redis is not None
+    events = await relay.redis.xrange("ocr:events")
     posted = sorted(f[b"address"].decode() for _, f in events if f[b"source"] == b"post")
     assert posted == sorted([ALICE, CAROL])
 

@@ -62,7 +62,7 @@ async def start_relay(
 
 async def close_sentinel_connections(relay: Relay) -> None:
     """What ``Relay.stop()`` should do and does not (yet)."""
-    pool = getattr(relay._redis, "connection_pool", None)
+    pool = getattr(relay.redis, "connection_pool", None)
     if isinstance(pool, SentinelConnectionPool):
         for sentinel_client in pool.sentinel_manager.sentinels:
             await sentinel_client.aclose()
