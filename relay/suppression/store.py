@@ -549,7 +549,7 @@ class SuppressionStore:
         """Every entry in the store, streamed (SCAN), never all loaded at once."""
         pattern = self.key("*").replace("{*}", "*")
         start = len(self.key(""))
-        with unavailable("suppression scan"):
+        with unavailable("suppression scan failed"):
             async for keys in _batched(self._redis.scan_iter(match=pattern, count=batch), batch):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for key in keys:
