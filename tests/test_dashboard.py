@@ -221,8 +221,8 @@ def test_page_shows_suppression_counts_and_when_they_were_computed() -> None:
     stats.addresses, stats.patterns = 4, 2
     cached = CachedStats(stats, datetime(2026, 3, 14, 11, 58, tzinfo=UTC).timestamp(), 0.25)
     text = page(suppressions=suppression_counts(cached), suppressions_note="A scan is running.")
-    assert "computed 2026-03-14 11:58:00 UTC" in text
-    assert "4 addresses, 2 patterns" in text
+    assert "as of 2026-03-14 11:58:00 UTC" in text
+    assert "4 addresses at the last reconcile, 2 patterns" in text
     assert "A scan is running." in text
     assert "<script" not in text.lower()
     (hbars,) = (c for c in svgs(text) if c.get("class") == "chart hbars")

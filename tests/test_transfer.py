@@ -19,7 +19,13 @@ from relay.suppression.store import (
     SuppressionStore,
     group_scope,
 )
-from relay.suppression.transfer import ExportFilter, export_csv, import_lines, stats
+from relay.suppression.transfer import (
+    ExportFilter,
+    export_csv,
+    import_lines,
+    scan_stats,
+    stats,
+)
 
 MARKETING = Route("marketing", "newsletter", "news@example.com")
 TRANSACTIONAL = Route("transactional", None, "receipts@example.com")
@@ -135,12 +141,12 @@ async def test_export_filters_by_date_and_round_trips(
     assert [e.scope for e in await store.entries("new@x.com")] == [GLOBAL]
 
 
-async def test_stats_counts_live_entries(store: SuppressionStore, clock: Clock) -> None:
+async def test_scan_stats_counts_live_entries(store: SuppressionStore, clock: Clock) -> None:
     await store.add("a@x.com", group_scope("n"), "unsubscribe", "post")
     await store.add("b@x.com", GLOBAL, "hard-bounce", "bounce")
     await store.add("c@x.com", GLOBAL, "manual", "cli", ttl=10)
     clock.now += 11
-    result = await stats(store)
+    result = await scan_stats(store)
     assert result.addresses == 2
     assert result.expired == 1
     assert dict(result.by_scope_reason) == {
@@ -157,3 +163,51 @@ async def test_add_many_is_idempotent_and_emits_events(
     assert sum(await store.add_many(rows, source="import")) == 2500
     assert sum(await store.add_many(rows, source="import")) == 0
     assert await redis.xlen("ocr:events") == 2500
+
+
+async def test_kept_counts_follow_every_write_and_match_a_scan(
+    store: SuppressionStore, clock: Clock, redis: Redis
+) -> None:
+    """add, re-add over an expired entry, graduated soft bounces, import, remove, expiry:
+    the counts kept as entries change equal a full scan's at every step."""
+
+    async def same() -> None:
+        kept, scanned = await stats(store), await scan_stats(store)
+        assert dict(kept.by_scope_reason) == dict(scanned.by_scope_reason)
+
+    await store.add("a@x.com", group_scope("n"), "unsubscribe", "post")
+    await store.add("a@x.com", group_scope("n"), "unsubscribe", "post")  # live: not written
+    await store.add("b@x.com", GLOBAL, "manual", "cli", ttl=86400)
+    await store.add("c@x.com", GLOBAL, "hard-bounce", "bounce")
+    await same()
+    for _ in range(3):  # each rewrite moves the entry to a later expiry day
+        await store.record_soft_bounce("d@x.com", "bounce")
+    await same()
+    rows = [ImportRow(i, f"i{i}@x.com", GLOBAL, "unsubscribe") for i in range(1, 301)]
+    await store.add_many(rows, source="import")
+    await same()
+    unsubscribed = (await stats(store)).unsubscribes_per_day
+    assert unsubscribed == (await scan_stats(store)).unsubscribes_per_day == {"2027-01-15": 301}
+    await store.remove("c@x.com", source="cli")
+    await store.remove("i7@x.com", source="cli")
+    await same()
+    clock.now += 3 * 86400  # b's entry expired two days ago
+    await same()
+    assert ("global", "manual") not in (await stats(store)).by_scope_reason
+    await store.add("b@x.com", GLOBAL, "manual", "cli")  # over the expired one
+    await same()
+    assert (await stats(store)).by_scope_reason[("global", "manual")] == 1
+    # unsubscribes per day count requests: a later removal does not take one back
+    assert (await stats(store)).unsubscribes_per_day == {"2027-01-15": 301}
+
+
+async def test_reconcile_corrects_drift(store: SuppressionStore, redis: Redis) -> None:
+    await store.add("a@x.com", GLOBAL, "complaint", "arf")
+    await store.add("b@x.com", GLOBAL, "complaint", "arf")
+    await redis.hincrby("ocr:stats", "global|complaint|-", 5)  # a count cut from its write
+    assert (await stats(store)).by_scope_reason[("global", "complaint")] == 7
+    before = await stats(store)
+    assert before.addresses is None and before.reconciled is None
+    counts = await store.reconcile()
+    assert counts.by_scope_reason[("global", "complaint")] == 2
+    assert counts.addresses == 2 and counts.reconciled is not None

@@ -32,7 +32,7 @@ from relay.suppression.store import (
     describe_scope,
     parse_scope,
 )
-from relay.suppression.transfer import ExportFilter, export_csv, import_lines, stats
+from relay.suppression.transfer import ExportFilter, export_csv, import_lines, scan_stats, stats
 
 
 def redact_url(url: str) -> str:
@@ -213,8 +213,16 @@ async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:
                 out.write(chunk)
         return 0
     if action == "stats":
-        result = await stats(store)
-        print(f"addresses suppressed: {result.addresses} (expired entries: {result.expired})")
+        if args.reconcile:
+            await store.reconcile()
+        result = await (scan_stats(store) if args.scan else stats(store))
+        if result.scanned:
+            print(f"addresses suppressed: {result.addresses} (expired entries: {result.expired})")
+        else:
+            when = _time(int(result.reconciled)) if result.reconciled else "never"
+            print(f"live entries: {result.entries} (kept counts; last reconcile: {when})")
+            if result.addresses is not None:
+                print(f"addresses suppressed at the last reconcile: {result.addresses}")
         print(f"patterns: {result.patterns}")
         for (kind, reason), n in sorted(result.by_scope_reason.items()):
             print(f"  {kind:<8} {reason:<12} {n}")

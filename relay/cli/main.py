@@ -83,7 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--since", type=date.fromisoformat, help="created on or after YYYY-MM-DD")
     exp.add_argument("--until", type=date.fromisoformat, help="created on or before YYYY-MM-DD")
     exp.add_argument("--out", type=Path, help="file (default: stdout)")
-    sup_sub.add_parser("stats", help="counts per scope and reason, unsubscribes per day")
+    st = sup_sub.add_parser("stats", help="counts per scope and reason, unsubscribes per day")
+    st.add_argument("--scan", action="store_true", help="count with a full scan (slow at millions)")
+    st.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="recount with a full scan and correct the kept counts (run e.g. daily)",
+    )
     pat = sup_sub.add_parser("pattern", help="domain or address-glob patterns never mailed")
     pat.add_argument("pattern_action", choices=["add", "remove", "list"])
     pat.add_argument("pattern", nargs="?")

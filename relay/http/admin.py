@@ -113,7 +113,7 @@ class AdminApi:
         counters: DailyCounters,
         *,
         metrics: Metrics,
-        stats_max_age: float = 300.0,
+        stats_max_age: float = 30.0,
     ) -> None:
         """``stats_max_age``: how old the dashboard's suppression counts may get."""
         self._metrics = metrics

@@ -472,7 +472,8 @@ class Latency:
 class SuppressionCounts:
     by_reason: Mapping[str, Mapping[str, int]]
     """reason → scope kind (global, group, sender) → live entries."""
-    addresses: int
+    addresses: int | None
+    """As of the last reconcile; None before the first."""
     patterns: int
     computed: datetime
     scan_seconds: float
@@ -607,10 +608,15 @@ def _suppressions(data: DashboardData) -> str:
     if s is None:
         return f'<p class="note">{note or "Not computed yet."} Reload in a minute.</p>'
     when = s.computed.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    addresses = (
+        f"{s.addresses:,} addresses at the last reconcile"
+        if s.addresses is not None
+        else "addresses: counted by 'suppress stats --reconcile'"
+    )
     age = (
-        f"Live entries, computed {when} by a full scan ({fmt_seconds(s.scan_seconds)}), "
-        f"refreshed at most every {data.cache_minutes:g} min. "
-        f"{s.addresses:,} addresses, {s.patterns:,} patterns."
+        f"Live entries as of {when}, kept as entries change (read in"
+        f" {fmt_seconds(s.scan_seconds)}, at most every {data.cache_minutes * 60:g} s). "
+        f"{addresses}, {s.patterns:,} patterns."
     )
     kinds = sorted({k for ks in s.by_reason.values() for k in ks}, key=lambda k: (k != "global", k))
     return (

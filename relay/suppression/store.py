@@ -26,8 +26,10 @@ import fnmatch
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from relay.config import SuppressionConfig
@@ -35,6 +37,7 @@ from relay.errors import StoreUnavailable
 from relay.mail.address import normalize_address
 from relay.model import Route
 from relay.store.client import RedisClient, unavailable
+from relay.store.keys import Keys
 
 REASONS = ("unsubscribe", "hard-bounce", "soft-bounce", "complaint", "manual", "pattern")
 MANUAL_REASONS = ("unsubscribe", "hard-bounce", "complaint", "manual")
@@ -45,7 +48,8 @@ GLOBAL = "*"
 EVENTS_MAXLEN = 1_000_000
 DAY = 86400.0
 
-# Sets the field unless a live entry is already there; answers 1 when it wrote.
+# Sets the field unless a live entry is already there; answers 0 when it did not write,
+# else the expired value it replaced, or 1 (the stats move that entry's count).
 _ADD_SCRIPT = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then
@@ -53,7 +57,7 @@ if old then
   if expires == 0 or expires > tonumber(ARGV[3]) then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
+return old or 1
 """
 
 # Counts a soft bounce and (re)writes the entry with the graduated expiry; returns the count.
@@ -62,8 +66,10 @@ local n = redis.call('HINCRBY', KEYS[1], '#soft-bounces', 1)
 local ttls = cjson.decode(ARGV[2])
 local ttl = ttls[math.min(n, #ttls)]
 local now = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], '*|soft-bounce', now .. '|' .. (now + ttl) .. '|' .. ARGV[3])
-return n
+local old = redis.call('HGET', KEYS[1], '*|soft-bounce')
+local value = now .. '|' .. (now + ttl) .. '|' .. ARGV[3]
+redis.call('HSET', KEYS[1], '*|soft-bounce', value)
+return {n, old or '', value}
 """
 
 
@@ -256,6 +262,7 @@ class SuppressionStore:
     ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._keys = Keys(prefix)
         self._clock = clock
         self._matcher = _Patterns()
         self.set_policy(policy or SuppressionPolicy())
@@ -352,7 +359,10 @@ class SuppressionStore:
                 keys=[self.key(address)], args=[f"{scope}|{reason}", value, now]
             )
             if wrote:
-                await self._event("add", address, scope, reason, source, detail)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    self._queue_event(pipe, "add", address, scope, reason, source, detail)
+                    self._count_write(pipe, scope, reason, value, wrote)
+                    await pipe.execute()
         return bool(wrote)
 
     @staticmethod
@@ -366,21 +376,22 @@ class SuppressionStore:
         """Batched ``add`` for imports: one pipeline for the writes, one for the events."""
         now = int(self._clock())
         with unavailable("suppression import"):
+            values = [self._value(now, self._ttl(row.reason, ttl), source) for row in rows]
             async with self._redis.pipeline(transaction=False) as pipe:
-                for row in rows:
-                    value = self._value(now, self._ttl(row.reason, ttl), source)
+                for row, value in zip(rows, values, strict=True):
                     # EVAL, not the registered script: a Cluster pipeline refuses EVALSHA
                     field = f"{row.scope}|{row.reason}"
                     pipe.eval(_ADD_SCRIPT, 1, self.key(row.address), field, value, now)
-                wrote = [bool(w) for w in await pipe.execute()]
+                results = await pipe.execute()
             async with self._redis.pipeline(transaction=False) as pipe:
-                for row, new in zip(rows, wrote, strict=True):
-                    if new:
+                for row, value, result in zip(rows, values, results, strict=True):
+                    if result:
                         self._queue_event(
                             pipe, "add", row.address, row.scope, row.reason, source, ""
                         )
+                        self._count_write(pipe, row.scope, row.reason, value, result)
                 await pipe.execute()
-        return wrote
+        return [bool(r) for r in results]
 
     async def exists(self, rows: Sequence[ImportRow]) -> list[bool]:
         """Whether a live entry for each row's scope and reason is already stored."""
@@ -402,15 +413,17 @@ class SuppressionStore:
         address = normalize_address(address)
         ttls = json.dumps([int(t) for t in self.policy.soft_bounce_ttls])
         with unavailable("suppression write"):
-            count = int(
-                await self._soft(
-                    keys=[self.key(address)],
-                    args=[int(self._clock()), ttls, source.replace("|", "/")],
+            raw_count, old, value = await self._soft(
+                keys=[self.key(address)],
+                args=[int(self._clock()), ttls, source.replace("|", "/")],
+            )
+            count = int(raw_count)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                self._queue_event(
+                    pipe, "add", address, GLOBAL, "soft-bounce", source, f"count={count} {detail}"
                 )
-            )
-            await self._event(
-                "add", address, GLOBAL, "soft-bounce", source, f"count={count} {detail}"
-            )
+                self._count_write(pipe, GLOBAL, "soft-bounce", value.decode(), old or 1)
+                await pipe.execute()
         return count
 
     async def counter(self, address: str, name: str, delta: int = 1) -> int:
@@ -508,6 +521,7 @@ class SuppressionStore:
                 for e in doomed:
                     detail = "forced" if e.reason in PROTECTED_REASONS else ""
                     self._queue_event(pipe, "remove", address, e.scope, e.reason, source, detail)
+                    pipe.hincrby(self._keys.stats, stats_field(e.scope, e.reason, e.expires), -1)
                 await pipe.execute()
         return doomed
 
@@ -594,12 +608,114 @@ class SuppressionStore:
             approximate=True,
         )
 
+    def _count_write(self, pipe: Any, scope: str, reason: str, value: str, result: object) -> None:
+        """Move the stats for a written entry; ``result``: what the add script answered."""
+        created, expires = (int(v) for v in value.split("|", 2)[:2])
+        pipe.hincrby(self._keys.stats, stats_field(scope, reason, expires), 1)
+        if isinstance(result, bytes) and result:  # an expired entry was replaced
+            old = result.decode().split("|", 2)
+            if len(old) == 3 and old[1].isdigit():
+                pipe.hincrby(self._keys.stats, stats_field(scope, reason, int(old[1])), -1)
+        if reason == "unsubscribe":
+            pipe.hincrby(self._keys.stats_unsubscribe_days, _day(created), 1)
+
+    async def counts(self) -> Counts:
+        """Live entries per scope kind and reason, from the counts kept as entries change.
+
+        O(1) in the size of the list: one HGETALL of at most a few thousand fields
+        (one per scope kind, reason and expiry day). An entry is counted until the end
+        of its expiry day (UTC); buckets of past days are dropped here.
+        """
+        today = _day(self._clock())
+        with unavailable("suppression stats"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self._keys.stats)
+                pipe.hgetall(self._keys.stats_unsubscribe_days)
+                pipe.scard(self.patterns_key)
+                fields, days, patterns = await pipe.execute()
+            live: Counter[tuple[str, str]] = Counter()
+            past: list[bytes] = []
+            meta: dict[str, str] = {}
+            for raw, raw_count in cast(dict[bytes, bytes], fields).items():
+                name = raw.decode()
+                if name.startswith("#"):
+                    meta[name] = raw_count.decode()
+                    continue
+                kind, reason, day = name.split("|")
+                if day != NEVER and day < today:
+                    past.append(raw)
+                    continue
+                live[(kind, reason)] += int(raw_count)
+            if past:
+                await self._redis.hdel(self._keys.stats, *past)
+        return Counts(
+            by_scope_reason=+live,
+            unsubscribes_per_day={
+                k.decode(): int(v) for k, v in cast(dict[bytes, bytes], days).items()
+            },
+            patterns=int(patterns) + len(self.policy.patterns),
+            addresses=int(meta["#addresses"]) if "#addresses" in meta else None,
+            reconciled=float(meta["#reconciled"]) if "#reconciled" in meta else None,
+        )
+
+    async def reconcile(self, batch: int = 500) -> Counts:
+        """Recount every entry with a full scan and replace the kept counts.
+
+        The counts drift only where a write and its count were cut apart (a crash, a
+        Redis failover between the two): run this rarely, e.g. daily
+        (``oneclick-relay suppress stats --reconcile``).
+        """
+        buckets: Counter[str] = Counter()
+        days: Counter[str] = Counter()
+        addresses: set[str] = set()
+        now = self._clock()
+        async for entry in self.scan(batch):
+            buckets[stats_field(entry.scope, entry.reason, entry.expires)] += 1
+            if entry.live(now):
+                addresses.add(entry.address)
+            if entry.reason == "unsubscribe":
+                days[_day(entry.created)] += 1
+        mapping: dict[str, str | int] = dict(buckets)
+        mapping["#addresses"] = len(addresses)
+        mapping["#reconciled"] = int(self._clock())
+        with unavailable("suppression stats"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._keys.stats, self._keys.stats_unsubscribe_days)
+                pipe.hset(self._keys.stats, mapping=cast(Any, mapping))
+                if days:
+                    pipe.hset(self._keys.stats_unsubscribe_days, mapping=cast(Any, dict(days)))
+                await pipe.execute()
+        return await self.counts()
+
     async def _event(
         self, kind: str, address: str, scope: str, reason: str, source: str, detail: str
     ) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             self._queue_event(pipe, kind, address, scope, reason, source, detail)
             await pipe.execute()
+
+
+NEVER = "-"
+
+
+def _day(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).date().isoformat()
+
+
+def stats_field(scope: str, reason: str, expires: int) -> str:
+    """The kept count an entry is in: scope kind, reason and its expiry day (UTC)."""
+    return f"{describe_scope(scope).split(':')[0]}|{reason}|{_day(expires) if expires else NEVER}"
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    by_scope_reason: Counter[tuple[str, str]]
+    unsubscribes_per_day: dict[str, int]
+    """New unsubscribes recorded per day (UTC)."""
+    patterns: int
+    addresses: int | None
+    """Distinct addresses with a live entry, as of the last reconcile (None: never run)."""
+    reconciled: float | None
 
 
 async def _batched(items: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:

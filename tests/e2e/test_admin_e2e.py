@@ -169,7 +169,7 @@ async def test_patterns_and_stats(admin_relay: Relay, sink: Sink) -> None:
     assert (status, body["removed"]) == (200, True)
     await call(admin_relay, "POST", "/admin/suppressions", json={"address": "q@example.org"})
     status, body = await call(admin_relay, "GET", "/admin/stats")
-    assert body["addresses"] == 1
+    assert body["live_entries"] == 1
     assert body["entries"] == [{"scope": "global", "reason": "manual", "count": 1}]
 
 
