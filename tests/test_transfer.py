@@ -204,7 +204,7 @@ async def test_kept_counts_follow_every_write_and_match_a_scan(
 async def test_reconcile_corrects_drift(store: SuppressionStore, redis: Redis) -> None:
     await store.add("a@x.com", GLOBAL, "complaint", "arf")
     await store.add("b@x.com", GLOBAL, "complaint", "arf")
-    await redis.hincrby("ocr:stats", "global|complaint|-", 5)  # a count cut from its write
+    await redis.hincrby("ocr:{stats}", "global|complaint|-", 5)  # a count cut from its write
     assert (await stats(store)).by_scope_reason[("global", "complaint")] == 7
     before = await stats(store)
     assert before.addresses is None and before.reconciled is None

@@ -12,9 +12,10 @@ the tag ``{queue}`` so its Lua scripts touch one slot::
     {prefix}:inbound                  ZSET    inbound message id -> received time
     {prefix}:inbound:{<id>}           HASH    one inbound message, kept bounces.keep_days
     {prefix}:daily:<YYYY-MM-DD>       HASH    the day's counters, per metric and group
-    {prefix}:stats                    HASH    live suppression entries per scope kind, reason
+    {prefix}:{stats}                  HASH    live suppression entries per scope kind, reason
                                               and expiry day, kept as entries change
-    {prefix}:stats:unsubscribe-days   HASH    new unsubscribes per day
+    {prefix}:{stats}:unsubscribe-days HASH    new unsubscribes per day (same slot: reconciled
+                                              together in one MULTI)
     {prefix}:seen:<namespace>:<hash>  STRING  an id acted on once (webhook events), expiring
 """
 
@@ -65,8 +66,8 @@ class Keys:
 
     @property
     def stats(self) -> str:
-        return f"{self.prefix}:stats"
+        return f"{self.prefix}:{{stats}}"
 
     @property
     def stats_unsubscribe_days(self) -> str:
-        return f"{self.prefix}:stats:unsubscribe-days"
+        return f"{self.prefix}:{{stats}}:unsubscribe-days"

@@ -249,6 +249,9 @@ async def test_scan_export_and_stats_see_every_node(
     assert result.addresses == len(everyone)
     kept = await transfer.stats(store)  # kept across nodes, in a key of its own slot
     assert dict(kept.by_scope_reason) == dict(result.by_scope_reason)
+    reconciled = await store.reconcile()  # one MULTI over the two {stats} keys
+    assert reconciled.addresses == len(everyone)
+    assert dict(reconciled.by_scope_reason) == dict(result.by_scope_reason)
 
 
 async def test_import_lines_writes_across_nodes(
