@@ -36,6 +36,7 @@ from relay.config.schema import (
     HttpConfig,
     LogConfig,
     MiB,
+    MilterConfig,
     Network,
     NotifyConfig,
     PolicyConfig,
@@ -250,22 +251,37 @@ def _secret_from(section: _Section, name: str, *, required: bool) -> Secret | No
     return None
 
 
-def _read_smtp(s: _Section) -> SmtpConfig:
+def _read_smtp(s: _Section, milter_listen: HostPort | Path | None) -> SmtpConfig:
+    """With a milter configured, no ``listen`` means no SMTP listener.
+
+    A milter on a Unix socket is served by one process, so ``workers`` defaults to 1.
+    """
+    milter = milter_listen is not None
+    unix = isinstance(milter_listen, Path)
     d = SmtpConfig()
     networks = tuple(_network(item, key) for item, key in s.items("allowed_networks"))
+    listen: HostPort | None = None if milter else d.listen
+    if "listen" in s.raw:  # an explicit null: no SMTP listener
+        listen = s.get("listen", None, _host_port)
+    if listen is None and not milter:
+        raise ConfigError(s.key("listen"), "is required unless milter.listen is set")
     cfg = SmtpConfig(
-        listen=s.get("listen", d.listen, _host_port),
+        listen=listen,
         allowed_networks=networks if "allowed_networks" in s.raw else d.allowed_networks,
         hostname=s.get("hostname", d.hostname, _str),
         max_message_size=s.get("max_message_size", d.max_message_size, _size),
         max_recipients=s.get("max_recipients", d.max_recipients, _int_range(1, 100_000)),
         timeout=s.get("timeout", d.timeout, _seconds),
         drain_timeout=s.get("drain_timeout", d.drain_timeout, _seconds),
-        workers=s.get("workers", os.cpu_count() or 1, _int_range(1, 256)),
+        workers=s.get("workers", 1 if unix else os.cpu_count() or 1, _int_range(1, 256)),
         tls=_read_smtp_tls(s.section("tls")) if s.has("tls") else None,
         auth_users_file=_read_smtp_auth(s.section("auth")) if s.has("auth") else None,
     )
     s.used.update({"tls", "auth"})
+    if unix and cfg.workers > 1:
+        raise ConfigError(
+            s.key("workers"), "must be 1 with milter.listen on a Unix socket (or use host:port)"
+        )
     if cfg.auth_users_file is not None and cfg.tls is None:
         raise ConfigError(s.key("auth"), "needs smtp.tls: passwords are only taken over TLS")
     s.done()
@@ -658,6 +674,31 @@ def _read_unsubscribe(s: _Section) -> UnsubscribeConfig:
     return cfg
 
 
+def _milter_listen(value: object, key: str) -> HostPort | Path:
+    text = _str(value, key)
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path.startswith("/"):
+            raise ConfigError(key, "expected unix:/absolute/path or host:port")
+        return Path(path)
+    if text.startswith("inet:"):
+        text = text[len("inet:") :]
+    return _host_port(text, key)
+
+
+def _read_milter(s: _Section) -> MilterConfig:
+    d = MilterConfig()
+    cfg = MilterConfig(
+        listen=s.get("listen", None, _milter_listen),
+        multi_recipient=s.get(
+            "multi_recipient", d.multi_recipient, _choice("reinject", "tempfail")
+        ),
+        timeout=s.get("timeout", d.timeout, _seconds),
+    )
+    s.done()
+    return cfg
+
+
 def _check_inbound(config: Config) -> None:
     """The listener needs at least one address to accept mail for (it never relays)."""
     bounces = config.bounces
@@ -670,7 +711,8 @@ def _check_inbound(config: Config) -> None:
             "no address to accept mail for: set bounces.return_path_domain,"
             " bounces.feedback_addresses, unsubscribe.mailto_domain or a group's mailto",
         )
-    if bounces.listen == config.smtp.listen and bounces.listen.port != 0:
+    smtp = config.smtp.listen
+    if smtp is not None and bounces.listen == smtp and bounces.listen.port != 0:
         raise ConfigError("bounces.listen", "must differ from smtp.listen")
 
 
@@ -747,8 +789,10 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
     for required in ("http", "tokens"):
         if not top.has(required):
             raise ConfigError(required, "is required")
+    milter = _read_milter(top.section("milter"))
     config = Config(
-        smtp=_read_smtp(top.section("smtp")),
+        smtp=_read_smtp(top.section("smtp"), milter.listen),
+        milter=milter,
         upstream=_read_upstream(top.section("upstream")),
         http=_read_http(top.section("http")),
         redis=_read_redis(top.section("redis")),

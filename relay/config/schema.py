@@ -63,7 +63,8 @@ class SmtpTlsConfig:
 
 @dataclass(frozen=True, slots=True)
 class SmtpConfig:
-    listen: HostPort = HostPort("127.0.0.1", 2525)
+    listen: HostPort | None = HostPort("127.0.0.1", 2525)
+    """None: no SMTP listener (a host that runs only the milter)."""
     allowed_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -309,6 +310,21 @@ class EspWebhookConfig:
     key: str = "esp_webhooks"
 
 
+MultiRecipient = Literal["reinject", "tempfail"]
+
+
+@dataclass(frozen=True, slots=True)
+class MilterConfig:
+    """The milter front end (Postfix ``smtpd_milters``, Sendmail ``INPUT_MAIL_FILTER``)."""
+
+    listen: HostPort | Path | None = None
+    """``host:port``, or a Path for ``unix:/path``; None: no milter listener."""
+    multi_recipient: MultiRecipient = "reinject"
+    """Marketing to several recipients: re-inject the others' copies, or 452 them at RCPT."""
+    timeout: float = 300.0
+    """Idle time allowed between two packets from the MTA."""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig
@@ -325,4 +341,5 @@ class Config:
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
     log: LogConfig = LogConfig()
     esp_webhooks: tuple[EspWebhookConfig, ...] = ()
+    milter: MilterConfig = MilterConfig()
     source: Path | None = None

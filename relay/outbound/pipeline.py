@@ -50,8 +50,38 @@ log = EventLog(__name__)
 @dataclass(slots=True)
 class _Copy:
     recipients: tuple[str, ...]
-    data: bytes
+    headers: tuple[Header, ...]
+    """The copy's header block as sent: signatures first."""
+    body: bytes
     mail_from: str
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(h.raw for h in self.headers) + b"\r\n" + self.body
+
+
+@dataclass(slots=True)
+class _Prepared:
+    route: Route
+    lookup: Lookup
+    copies: Iterator[_Copy]
+
+
+@dataclass(frozen=True, slots=True)
+class InPlace:
+    """What the MTA does with the message it holds (milter mode).
+
+    On success the MTA delivers to ``keep`` only (every other envelope recipient
+    was suppressed or re-injected) with ``headers`` as the copy's header block,
+    and ``mail_from`` as its envelope sender; ``discard``: nothing is left to send.
+    Any other reply is the client's answer (tempfail or reject).
+    """
+
+    reply: SmtpReply
+    keep: tuple[str, ...] = ()
+    headers: tuple[Header, ...] = ()
+    mail_from: str = ""
+    discard: bool = False
 
 
 @dataclass(slots=True)
@@ -124,6 +154,100 @@ class Pipeline:
             child.observe(time.perf_counter() - started)
 
     async def _run(self, envelope: Envelope, trace: Trace) -> SmtpReply:
+        prepared = await self._prepare(envelope, trace, received=True, split_shared=True)
+        if prepared is None:
+            return self._all_suppressed(trace)
+        with self._stage("upstream"):
+            trace.replies, deferred = await self._deliver(prepared.copies, trace.kept)
+        with self._stage("bounces"):
+            await self._judge(trace, prepared.lookup, prepared.route)
+        return await self._answer(envelope, deferred, trace)
+
+    async def handle_in_place(
+        self, envelope: Envelope, queue_id: str = "", *, reinject: bool = True
+    ) -> InPlace:
+        """Milter mode: the MTA keeps the message; answer how its copy changes.
+
+        Runs the same check → modify → sign steps as ``handle`` but delivers only what
+        the MTA cannot: the MTA's own copy goes to the first kept recipient (marketing)
+        or to all of them (transactional, never split); every other marketing
+        recipient's personalised copy is re-injected through ``upstream`` now. If any
+        re-injection fails the whole message is tempfailed, so the client retries and
+        nothing is acknowledged that was not handed on. The MTA adds its own Received.
+        ``reinject=False``: a marketing message for several recipients is tempfailed
+        instead (the front end asked the client for one recipient per transaction).
+        """
+        started = time.perf_counter()
+        trace = Trace(queue_id=queue_id or uuid.uuid4().hex[:12].upper())
+        try:
+            result = await self._in_place(envelope, trace, reinject)
+        except SmtpError as exc:
+            result = InPlace(exc.reply)
+        self._record(envelope, trace, result.reply, (time.perf_counter() - started) * 1000)
+        return result
+
+    async def _in_place(self, envelope: Envelope, trace: Trace, reinject: bool) -> InPlace:
+        prepared = await self._prepare(envelope, trace, received=False, split_shared=False)
+        if prepared is None:
+            return InPlace(self._all_suppressed(trace), discard=True)
+        copies = iter(prepared.copies)
+        own = next(copies)
+        others = trace.kept - len(own.recipients)
+        if others and not reinject:
+            raise TempFail(
+                "4.5.3", "marketing mail is sent one recipient per transaction; send them apart"
+            )
+        replies: dict[str, SmtpReply] = {}
+        if others:
+            with self._stage("upstream"):
+                replies, _ = await self._deliver(copies, others)
+            failed = [r for r, reply in replies.items() if not reply.is_success]
+            if failed:
+                accepted = len(replies) - len(failed)
+                log.warning(
+                    "re-injection failed",
+                    id=trace.queue_id,
+                    failed=len(failed),
+                    accepted=accepted,
+                    first=str(replies[failed[0]]),
+                    effect="message tempfailed; accepted copies are sent again on the retry",
+                )
+                raise TempFail(
+                    "4.4.0",
+                    f"re-injection of {len(failed)} of {others} personalised copies failed,"
+                    " try again later",
+                )
+        mine = SmtpReply(250, "2.0.0", "kept in the MTA's transaction")
+        trace.replies = {**dict.fromkeys(own.recipients, mine), **replies}
+        with self._stage("bounces"):
+            await self._judge(trace, prepared.lookup, prepared.route)
+        parts = [f"in place {len(own.recipients)}"]
+        if others:
+            parts.append(f"re-injected {others}")
+        if trace.suppressed:
+            parts.append(f"suppressed {trace.suppressed}")
+        reply = SmtpReply(250, "2.0.0", f"Ok: {', '.join(parts)} id={trace.queue_id}")
+        return InPlace(reply, own.recipients, own.headers, own.mail_from)
+
+    def is_marketing_sender(self, address: str) -> bool:
+        """What the policy says of an address before the header is seen (milter RCPT)."""
+        return self._policy.classify(address).is_marketing
+
+    def _all_suppressed(self, trace: Trace) -> SmtpReply:
+        return SmtpReply(
+            250,
+            "2.0.0",
+            f"Ok: nothing sent, all {trace.suppressed} recipient(s) suppressed id={trace.queue_id}",
+        )
+
+    async def _prepare(
+        self, envelope: Envelope, trace: Trace, *, received: bool, split_shared: bool
+    ) -> _Prepared | None:
+        """Check → modify → sign, nothing delivered; None when every recipient is suppressed.
+
+        ``received``: prepend our own trace field (an MTA running us as a milter adds
+        its own). ``split_shared``: with VERP, send a shared copy once per recipient.
+        """
         with self._stage("parse"):
             message = Message.parse(envelope.data)
             sender = from_address(message)
@@ -146,14 +270,10 @@ class Pipeline:
                 reason=entry.reason,
             )
         if not kept:
-            return SmtpReply(
-                250,
-                "2.0.0",
-                f"Ok: nothing sent, all {len(blocked)} recipient(s) suppressed id={trace.queue_id}",
-            )
+            return None
 
         with self._stage("modify"):
-            base = self._modify(message, envelope, route, trace.queue_id)
+            base = self._modify(message, envelope, route, trace.queue_id, received)
             ids = base.get_all("Message-ID")
             trace.message_id = ids[0].value if ids else "-"
             keys = self._signer.keys_for(domain_of(sender))
@@ -165,13 +285,10 @@ class Pipeline:
                     )
             trace.signed = ",".join(f"{k.selector}/{k.algorithm}" for k in keys) or "unsigned"
             bh = body_hash(base.body) if keys else b""
-            copies = self._copies(base, kept, route, keys, bh, envelope.mail_from, trace.queue_id)
-
-        with self._stage("upstream"):
-            trace.replies, deferred = await self._deliver(copies, len(kept))
-        with self._stage("bounces"):
-            await self._judge(trace, lookup, route)
-        return await self._answer(envelope, deferred, trace)
+            copies = self._copies(
+                base, kept, route, keys, bh, envelope.mail_from, trace.queue_id, split_shared
+            )
+        return _Prepared(route, lookup, copies)
 
     async def _lookup(self, rcpts: tuple[str, ...], route: Route) -> Lookup:
         try:
@@ -217,7 +334,9 @@ class Pipeline:
         except StoreUnavailable as exc:
             log.warning("bounce bookkeeping skipped", id=trace.queue_id, error=exc)
 
-    def _modify(self, message: Message, envelope: Envelope, route: Route, queue_id: str) -> Message:
+    def _modify(
+        self, message: Message, envelope: Envelope, route: Route, queue_id: str, received: bool
+    ) -> Message:
         """Changes shared by every copy: trace, missing defaults, no stale List-* fields."""
         hostname = self._config.smtp.hostname
         now = self._clock()
@@ -228,7 +347,11 @@ class Pipeline:
             )
         return message.replace(
             remove=remove,
-            prepend=[headers.received(envelope.helo, envelope.client, hostname, queue_id, now)],
+            prepend=(
+                [headers.received(envelope.helo, envelope.client, hostname, queue_id, now)]
+                if received
+                else []
+            ),
             append=headers.missing_defaults(message, hostname, now),
         )
 
@@ -245,6 +368,7 @@ class Pipeline:
         bh: bytes,
         mail_from: str,
         queue_id: str,
+        split_shared: bool = True,
     ) -> Iterator[_Copy]:
         """The signed copies to send, built one at a time as the delivery workers ask.
 
@@ -262,13 +386,12 @@ class Pipeline:
             )
             shared = self._sign(fixed, keys, bh)
         if shared is not None:
-            if self._verp is None or not mail_from:
-                yield _Copy(rcpts, shared, mail_from)
+            if self._verp is None or not mail_from or not split_shared:
+                yield _Copy(rcpts, shared, base.body, mail_from)
                 return
             for rcpt in rcpts:
-                yield _Copy(
-                    (rcpt,), shared, self._return_path(mail_from, rcpt, route.group, queue_id)
-                )
+                return_path = self._return_path(mail_from, rcpt, route.group, queue_id)
+                yield _Copy((rcpt,), shared, base.body, return_path)
             return
         group_name = route.group or self._policy.config.default_group
         group = self._policy.config.groups.get(group_name)
@@ -282,14 +405,15 @@ class Pipeline:
             )
             personal = base.replace(prepend=fields)
             return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
-            yield _Copy((rcpt,), self._sign(personal, keys, bh), return_path)
+            yield _Copy((rcpt,), self._sign(personal, keys, bh), base.body, return_path)
 
-    def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> bytes:
+    def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> tuple[Header, ...]:
+        """The copy's header block: the signatures on top of the signed fields."""
         if not keys:
-            return message.to_bytes()
+            return message.headers
         with self._stage("sign"):
             signatures = self._signer.sign(message, keys, bh)
-        return b"".join(h.raw for h in signatures) + message.to_bytes()
+        return (*signatures, *message.headers)
 
     async def _deliver(
         self, copies: Iterator[_Copy], recipients: int

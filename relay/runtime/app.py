@@ -11,11 +11,12 @@ Start order (each step is undone by the stop, in reverse):
 7. event consumers (webhook, notification mail)
 8. HTTP (one-click, admin, ESP webhooks, metrics)
 9. inbound listener (bounces, complaints, mailto)
-10. SMTP
-11. event-loop lag monitor
+10. milter (``milter.listen``)
+11. SMTP (unless ``smtp.listen`` is null: a milter-only host)
+12. event-loop lag monitor
 
 So a stop first closes the SMTP port and lets in-flight transactions finish
-(``smtp.drain_timeout``), then the inbound listener the same way, then HTTP, the
+(``smtp.drain_timeout``), then the milter and the inbound listener the same way, then HTTP, the
 consumers, the retry worker, the counters, the upstream, Redis. A start that fails
 at any step unwinds exactly the steps before it. A reload (``reload()``) builds new
 live parts (``relay.runtime.parts.Live``) and swaps them in; ``relay.runtime.reload``
@@ -32,6 +33,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
@@ -45,6 +47,7 @@ from relay.http.web import MAX_HEADERS, MAX_LINE, WebApp
 from relay.inbound.listener import InboundHandler, start_listener
 from relay.mail.dkim import Signer
 from relay.metrics import Metrics
+from relay.milter.server import MilterFrontEnd
 from relay.outbound.events import build_consumers
 from relay.outbound.retry import RetryQueue, RetryWorker
 from relay.outbound.upstream import Upstream
@@ -73,11 +76,14 @@ class _Running:
     web_runner: web.AppRunner
     hooks: EspHooks | None
     inbound: InboundHandler | None
+    milter: MilterFrontEnd | None
     retry_worker: RetryWorker
     loop_lag: LoopLagMonitor
     smtp_port: int
     http_port: int
     inbound_port: int
+    milter_port: int
+    """0 for a Unix socket."""
 
 
 class Relay:
@@ -123,6 +129,14 @@ class Relay:
     @property
     def inbound_port(self) -> int:
         return self._running.inbound_port if self._running else 0
+
+    @property
+    def milter_port(self) -> int:
+        return self._running.milter_port if self._running else 0
+
+    @property
+    def milter(self) -> MilterFrontEnd | None:
+        return self._started().milter
 
     @property
     def redis_url(self) -> str:
@@ -265,18 +279,40 @@ class Relay:
             )
             inbound_port = bound_port(listener)
 
-        handler = RelayHandler(live.pipeline, config.smtp, metrics, files.users)
-        smtp = await stack.enter_async_context(
-            listening(
-                "smtp.listen",
-                config.smtp.listen,
-                lambda: self._smtp_server(handler, files),
-                handler.drain,
-                drain,
-                self.drained,
-                "transactions",
+        milter, milter_port = None, 0
+        if config.milter.listen is not None:
+            milter = MilterFrontEnd(live.pipeline, config.milter, config.smtp, metrics)
+            where = config.milter.listen
+            if isinstance(where, Path):  # runs after the server closed
+                stack.callback(where.unlink, missing_ok=True)
+            server = await stack.enter_async_context(
+                listening(
+                    "milter.listen",
+                    where,
+                    lambda: milter.start(reuse_port=self._reuse_port),
+                    milter.drain,
+                    drain,
+                    self.drained,
+                    "milter messages",
+                )
             )
-        )
+            milter_port = 0 if isinstance(where, Path) else bound_port(server)
+
+        handler = RelayHandler(live.pipeline, config.smtp, metrics, files.users)
+        smtp_port = 0
+        if config.smtp.listen is not None:
+            smtp = await stack.enter_async_context(
+                listening(
+                    "smtp.listen",
+                    config.smtp.listen,
+                    lambda: self._smtp_server(handler, files),
+                    handler.drain,
+                    drain,
+                    self.drained,
+                    "transactions",
+                )
+            )
+            smtp_port = bound_port(smtp)
         loop_lag = LoopLagMonitor(metrics)
         await stack.enter_async_context(background("loop-lag", loop_lag.run, loop_lag.stop))
 
@@ -288,16 +324,19 @@ class Relay:
             web_runner=runner,
             hooks=hooks,
             inbound=inbound,
+            milter=milter,
             retry_worker=retry_worker,
             loop_lag=loop_lag,
-            smtp_port=bound_port(smtp),
+            smtp_port=smtp_port,
             http_port=int(runner.addresses[0][1]),
             inbound_port=inbound_port,
+            milter_port=milter_port,
         )
+        at = config.milter.listen
         log.info(
-            "relay started smtp=%s:%d http=%s:%d upstream=%s:%d dkim_domains=%s inbound=%s verp=%s",
-            config.smtp.listen.host,
-            self.smtp_port,
+            "relay started smtp=%s http=%s:%d upstream=%s:%d dkim_domains=%s inbound=%s verp=%s"
+            " milter=%s",
+            f"{config.smtp.listen.host}:{smtp_port}" if config.smtp.listen else "-",
             config.http.listen.host,
             self.http_port,
             config.upstream.host,
@@ -305,10 +344,14 @@ class Relay:
             ",".join(live.signer.domains) or "-",
             f"{config.bounces.protocol}:{inbound_port}" if inbound else "-",
             config.bounces.return_path_domain or "-",
+            (f"unix:{at}" if isinstance(at, Path) else f"{at.host}:{milter_port}")
+            if at is not None
+            else "-",
         )
 
     async def _smtp_server(self, handler: RelayHandler, files: parts.Files) -> asyncio.Server:
         smtp = self.config.smtp
+        assert smtp.listen is not None
         implicit = smtp.tls is not None and smtp.tls.mode == "implicit"
         return await asyncio.get_running_loop().create_server(
             lambda: RelaySMTP(handler, smtp, files.tls),
@@ -400,6 +443,8 @@ class Relay:
         self._live, self.config, self._baseline = live, plan.config, config
         running.stores.store.set_policy(suppression)
         running.handler.pipeline = live.pipeline
+        if running.milter is not None:
+            running.milter.pipeline = live.pipeline
         running.web_app.unsubscriber = live.handling.unsubscriber
         if running.inbound is not None:
             running.inbound.intake = live.handling.intake
@@ -427,6 +472,8 @@ class Relay:
         inflight = set(running.handler.inflight)
         if running.inbound is not None:
             inflight |= running.inbound.inflight
+        if running.milter is not None:
+            inflight |= running.milter.inflight
 
         async def close() -> None:
             if inflight:
@@ -487,8 +534,10 @@ async def serve(
             gc.freeze()
             if ready is not None:
                 ready(relay)
+            milter = relay.milter_port or ("unix" if relay.config.milter.listen else "-")
             sdnotify.notify(
-                f"READY=1\nSTATUS=serving smtp {relay.smtp_port} http {relay.http_port}"
+                f"READY=1\nSTATUS=serving smtp {relay.smtp_port or '-'} http {relay.http_port}"
+                f" milter {milter}"
             )
             await stopping.wait()
             sdnotify.notify("STOPPING=1")

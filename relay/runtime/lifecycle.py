@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from relay.config import HostPort
@@ -72,7 +73,7 @@ class Drained:
 @contextlib.asynccontextmanager
 async def listening(
     key: str,
-    listen: HostPort,
+    listen: HostPort | Path,
     create: Callable[[], Awaitable[asyncio.Server]],
     drain: Callable[[float], Awaitable[int]],
     drain_timeout: float,
@@ -97,7 +98,7 @@ async def listening(
             log.error("shutdown: %d %s still running were cut", left, what)
 
 
-def cannot_listen(key: str, listen: HostPort, exc: OSError) -> StartError:
+def cannot_listen(key: str, listen: HostPort | Path, exc: OSError) -> StartError:
     """``smtp.listen: cannot listen on 127.0.0.1:25: Address already in use``."""
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return StartError(key, f"cannot listen on {listen}: {reason}")

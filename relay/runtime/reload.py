@@ -35,6 +35,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "bounces.max_message_size",
     "bounces.timeout",
     "log",
+    "milter",  # the milter's listening socket and its session settings
     "esp_webhooks",  # the webhook routes and their keys are set up with the HTTP server
 )
 """Dotted keys (or whole sections) read only at start; everything else applies live."""

@@ -207,7 +207,11 @@ def run_workers(config: Config) -> int:
 
 
 def _listeners(config: Config) -> list[tuple[str, HostPort]]:
-    found = [("smtp.listen", config.smtp.listen), ("http.listen", config.http.listen)]
+    found = [("http.listen", config.http.listen)]
+    if config.smtp.listen is not None:
+        found.append(("smtp.listen", config.smtp.listen))
+    if isinstance(config.milter.listen, HostPort):
+        found.append(("milter.listen", config.milter.listen))
     if config.bounces.listen is not None:
         found.append(("bounces.listen", config.bounces.listen))
     return found
@@ -215,11 +219,15 @@ def _listeners(config: Config) -> list[tuple[str, HostPort]]:
 
 def _concrete_ports(config: Config) -> Config:
     """Port 0 becomes one free port that every worker listens on."""
+    smtp = config.smtp.listen
     config = replace(
         config,
-        smtp=replace(config.smtp, listen=_concrete(config.smtp.listen)),
+        smtp=replace(config.smtp, listen=_concrete(smtp) if smtp is not None else None),
         http=replace(config.http, listen=_concrete(config.http.listen)),
     )
+    if isinstance(config.milter.listen, HostPort):
+        milter = replace(config.milter, listen=_concrete(config.milter.listen))
+        config = replace(config, milter=milter)
     if config.bounces.listen is not None:
         bounces = replace(config.bounces, listen=_concrete(config.bounces.listen))
         config = replace(config, bounces=bounces)

@@ -16,8 +16,7 @@ import asyncio
 import ipaddress
 import re
 import ssl
-from collections.abc import Coroutine
-from typing import Any, AnyStr, TypeVar
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as AioEnvelope
@@ -28,10 +27,10 @@ from relay.mail.address import address_problem
 from relay.metrics import Metrics
 from relay.model import Envelope
 from relay.outbound.pipeline import Pipeline
+from relay.outbound.shield import Shielded
 from relay.smtp.auth import Users
 
 log = EventLog(__name__)
-T = TypeVar("T")
 
 _PLAIN_PATH = re.compile(r"^\s*<([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+|)>(.*)$")
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
@@ -164,32 +163,16 @@ class RelaySMTP(SMTP):
             await super().push(status)
 
 
-class ShieldedTransactions:
+class ShieldedTransactions(Shielded):
     """Each transaction runs as its own task, shielded from the client's connection.
 
     aiosmtpd cancels the session when the client hangs up; a delivery already under
     way must still finish (and be counted). Shutdown waits for these tasks.
     """
 
-    def __init__(self) -> None:
-        self.inflight: set[asyncio.Task[Any]] = set()
-
-    async def run_shielded(self, coro: Coroutine[Any, Any, T]) -> T:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
-        return await asyncio.shield(task)
-
     async def handle_exception(self, error: Exception) -> str:
         log.exception("session error", server=type(self).__name__, error=type(error).__name__)
         return "451 4.3.0 internal error, try again later"
-
-    async def drain(self, timeout: float) -> int:
-        """Wait for in-flight transactions; answers how many were still running after."""
-        if not self.inflight:
-            return 0
-        _, pending = await asyncio.wait(set(self.inflight), timeout=timeout)
-        return len(pending)
 
 
 class RelayHandler(ShieldedTransactions):

@@ -1,0 +1,1 @@
+"""The milter front end: the relay's pipeline inside Postfix or Sendmail."""
