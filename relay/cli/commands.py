@@ -53,7 +53,10 @@ def check_config(config: Config) -> int:
     policy = Policy(config.policy)
     smtp, up, http = config.smtp, config.upstream, config.http
     print(f"config OK: {config.source}")
-    print(f"  smtp     listen {smtp.listen}, {len(smtp.allowed_networks)} allowed network(s)")
+    if smtp.listen is not None:
+        print(f"  smtp     listen {smtp.listen}, {len(smtp.allowed_networks)} allowed network(s)")
+    else:
+        print("  smtp     no listener (milter only)")
     print(f"  upstream {up.host}:{up.port} tls={up.tls} connections={up.connections}")
     print(f"  http     listen {http.listen}, links {http.public_url}/u/<token>")
     print(f"  redis    {redact_url(config.redis.url) if config.redis.url else 'embedded'}")
@@ -74,6 +77,9 @@ def check_config(config: Config) -> int:
         )
     if config.unsubscribe.mailto_address:
         print(f"  mailto   {config.unsubscribe.mailto_address}?subject=unsubscribe%20<token>")
+    if config.milter.listen is not None:
+        for line in postfix_milter_lines(config):
+            print(line)
     print("routes (first match wins):")
     for line in policy.describe():
         print(f"  {line}")
@@ -88,6 +94,36 @@ def check_config(config: Config) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def postfix_milter_lines(config: Config) -> list[str]:
+    """What a Postfix admin adds for milter mode: main.cf, and master.cf's re-injection port."""
+    milter = config.milter
+    listen = milter.listen
+    socket = f"unix:{listen}" if isinstance(listen, Path) else f"inet:{listen}"
+    up = config.upstream
+    lines = [
+        f"  milter   listen {socket}, multi_recipient={milter.multi_recipient}",
+        "postfix main.cf (then 'postfix reload'):",
+        f"  smtpd_milters = {socket}",
+        "  milter_default_action = tempfail",
+        "  milter_protocol = 6",
+    ]
+    if milter.multi_recipient == "reinject":
+        lines += [
+            "postfix master.cf: the re-injection listener (upstream), without milters:",
+            f"  {up.host}:{up.port} inet n - n - - smtpd",
+            "    -o smtpd_milters=",
+            "    -o receive_override_options=no_milters",
+            f"    -o mynetworks={up.host}/32",
+            "    -o smtpd_relay_restrictions=permit_mynetworks,reject",
+        ]
+    if isinstance(listen, Path):
+        lines.append(
+            "  (a chrooted smtpd sees the socket relative to /var/spool/postfix;"
+            " add the postfix user to the relay's group)"
+        )
+    return lines
 
 
 def _time(timestamp: int) -> str:

@@ -1,0 +1,239 @@
+"""relay.milter at the protocol level: a test client plays the MTA against a running relay.
+
+The client (``tests/milterclient.py``) is written from the protocol description; the
+actions the relay answers are applied to the header block here the way an MTA does,
+and the result must verify with dkimpy against the test keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+from conftest import Keys, Sink
+from milterclient import MilterClient, Reply
+
+from relay.runtime.app import Relay
+from relay.suppression.store import GLOBAL, group_scope
+
+MakeRelay = Callable[[dict[str, Any]], Awaitable[Relay]]
+HEADERS = [
+    ("From", "Example <news@example.com>"),
+    ("To", "alice@example.net"),
+    ("Subject", "Hello"),
+    ("Message-ID", "<m1@example.com>"),
+    ("Date", "Tue, 01 Dec 2026 10:00:00 +0000"),
+    ("List-Unsubscribe", "<https://app.example.com/old>"),
+    ("MIME-Version", "1.0"),
+]
+BODY = b"Hello there.\r\n"
+
+
+def milter_config(config_dict: dict[str, Any], **milter: Any) -> dict[str, Any]:
+    raw = dict(config_dict)
+    raw["smtp"] = {**config_dict["smtp"], "listen": None}
+    raw["milter"] = {"listen": "127.0.0.1:0", **milter}
+    return raw
+
+
+async def client_for(relay: Relay) -> MilterClient:
+    client = MilterClient(*await asyncio.open_connection("127.0.0.1", relay.milter_port))
+    await client.negotiate()
+    return client
+
+
+def apply(headers: list[tuple[str, str]], replies: list[Reply], leading: bool) -> bytes:
+    """The header block an MTA writes after these actions, then the body."""
+    fields = [(n, (v if leading else " " + v)) for n, v in headers]
+    for reply in replies:
+        if reply.command == "m":
+            (index,) = struct.unpack("!I", reply.data[:4])
+            name, value = reply.data[4:].split(b"\0")[:2]
+            same = [i for i, (n, _) in enumerate(fields) if n.lower() == name.decode().lower()]
+            assert value == b"", "the relay only deletes fields"
+            del fields[same[index - 1]]
+        elif reply.command == "i":
+            (index,) = struct.unpack("!I", reply.data[:4])
+            name, value = reply.data[4:].split(b"\0")[:2]
+            text = value.decode() if leading else " " + value.decode()
+            fields.insert(index, (name.decode(), text))
+        elif reply.command == "h":
+            name, value = reply.data.split(b"\0")[:2]
+            text = value.decode() if leading else " " + value.decode()
+            fields.append((name.decode(), text))
+    block = "".join(f"{n}:{v.replace(chr(10), chr(13) + chr(10))}\r\n" for n, v in fields)
+    return block.encode() + b"\r\n" + BODY
+
+
+async def test_negotiation_asks_for_no_reply_steps(
+    make_relay: MakeRelay, config_dict: dict[str, Any]
+) -> None:
+    relay = await make_relay(milter_config(config_dict))
+    client = MilterClient(*await asyncio.open_connection("127.0.0.1", relay.milter_port))
+    reply = await client.negotiate()
+    assert reply.command == "O"
+    version, actions, steps = struct.unpack("!III", reply.data)
+    assert version == 6
+    assert actions == 0x01 | 0x08 | 0x10 | 0x40  # add/insert, delrcpt, change headers, from
+    assert steps & 0x80 and steps & 0x80000 and steps & 0x8000  # no reply to header/body/rcpt
+    assert steps & 0x100000  # header values with their leading space
+    await client.close()
+
+    relay2 = await make_relay(milter_config(config_dict, multi_recipient="tempfail"))
+    client = MilterClient(*await asyncio.open_connection("127.0.0.1", relay2.milter_port))
+    _, _, steps = struct.unpack("!III", (await client.negotiate()).data)
+    assert not steps & 0x8000  # RCPT is answered: the second marketing one gets 452
+    await client.close()
+
+
+@pytest.mark.parametrize("leading", [True, False])
+async def test_marketing_edits_verify_after_the_mta_applies_them(
+    make_relay: MakeRelay, config_dict: dict[str, Any], keys: Keys, leading: bool
+) -> None:
+    relay = await make_relay(milter_config(config_dict))
+    client = MilterClient(*await asyncio.open_connection("127.0.0.1", relay.milter_port))
+    steps = 0x1FFFFF if leading else 0x1FFFFF & ~0x100000
+    await client.negotiate(steps=steps)
+    replies = await client.message("news@example.com", ["alice@example.net"], HEADERS, BODY)
+    await client.close()
+    commands = [r.command for r in replies]
+    assert commands[-1] == "a"
+    assert "-" not in commands  # one recipient: nothing removed
+    change = next(r for r in replies if r.command == "m")
+    assert change.data[4:].split(b"\0")[0] == b"List-Unsubscribe"  # the app's own, removed
+    first_insert = next(r for r in replies if r.command == "i")
+    assert struct.unpack("!I", first_insert.data[:4]) == (0,)
+    assert first_insert.data[4:].startswith(b"DKIM-Signature\0")  # on top, as signed
+    data = apply(HEADERS, replies, leading)
+    assert data.count(b"List-Unsubscribe:") == 1
+    assert b"app.example.com" not in data
+    assert dkim.verify(data, dnsfunc=keys.dnsfunc)
+
+
+async def test_suppressed_recipient_deleted_and_all_suppressed_discarded(
+    make_relay: MakeRelay, config_dict: dict[str, Any], sink: Sink
+) -> None:
+    relay = await make_relay(milter_config(config_dict))
+    assert relay.store is not None
+    await relay.store.add("bob@example.org", group_scope("newsletter"), "unsubscribe", "t")
+    client = await client_for(relay)
+    replies = await client.message(
+        "news@example.com", ["alice@example.net", "bob@example.org"], HEADERS, BODY
+    )
+    deleted = [r.strings() for r in replies if r.command == "-"]
+    assert deleted == [["<bob@example.org>"]]
+    assert replies[-1].command == "a"
+    replies = await client.message("news@example.com", ["bob@example.org"], HEADERS, BODY)
+    assert [r.command for r in replies] == ["d"]
+    await client.close()
+    assert sink.handler.messages == []  # nothing re-injected: one kept recipient
+
+
+async def test_second_recipient_reinjected_before_the_answer(
+    make_relay: MakeRelay, config_dict: dict[str, Any], sink: Sink, keys: Keys
+) -> None:
+    relay = await make_relay(milter_config(config_dict))  # upstream: the capture sink
+    client = await client_for(relay)
+    replies = await client.message(
+        "news@example.com", ["alice@example.net", "bob@example.org"], HEADERS, BODY
+    )
+    await client.close()
+    assert [r.strings() for r in replies if r.command == "-"] == [["<bob@example.org>"]]
+    assert replies[-1].command == "a"
+    (captured,) = sink.handler.messages  # already there when end-of-message was answered
+    assert captured.rcpt_tos == ("bob@example.org",)
+    assert dkim.verify(captured.data, dnsfunc=keys.dnsfunc)
+
+
+async def test_transactional_never_split_and_hard_bounce_removed(
+    make_relay: MakeRelay, config_dict: dict[str, Any], sink: Sink, keys: Keys
+) -> None:
+    relay = await make_relay(milter_config(config_dict))
+    assert relay.store is not None
+    await relay.store.add("bob@example.org", GLOBAL, "hard-bounce", "t")
+    client = await client_for(relay)
+    headers = [("From", "receipts@example.com"), *HEADERS[1:5]]
+    rcpts = ["alice@example.net", "carol@example.org", "bob@example.org"]
+    replies = await client.message("receipts@example.com", rcpts, headers, BODY)
+    await client.close()
+    assert [r.strings() for r in replies if r.command == "-"] == [["<bob@example.org>"]]
+    assert not any(b"List-Unsubscribe" in r.data for r in replies)
+    assert dkim.verify(apply(headers, replies, True), dnsfunc=keys.dnsfunc)
+    assert sink.handler.messages == []
+
+
+async def test_rcpt_tempfail_mode_refuses_second_marketing_recipient(
+    make_relay: MakeRelay, config_dict: dict[str, Any]
+) -> None:
+    relay = await make_relay(milter_config(config_dict, multi_recipient="tempfail"))
+    client = await client_for(relay)
+    replies = await client.message(
+        "news@example.com", ["alice@example.net", "bob@example.org"], HEADERS, BODY
+    )
+    assert replies[0].command == "y"
+    assert replies[0].strings()[0].startswith("452 4.5.3 ")
+    await client.close()
+
+
+async def test_unsigned_marketing_is_never_accepted(
+    make_relay: MakeRelay, config_dict: dict[str, Any]
+) -> None:
+    raw = milter_config(config_dict)
+    raw["dkim"] = {"require_for_marketing": True, "keys": []}
+    relay = await make_relay(raw)
+    client = await client_for(relay)
+    replies = await client.message("news@example.com", ["alice@example.net"], HEADERS, BODY)
+    assert [r.command for r in replies] == ["y"]
+    assert replies[0].strings()[0].startswith("451 4.7.5 ")
+    await client.close()
+
+
+async def test_oversized_message_refused_and_garbage_drops_the_connection(
+    make_relay: MakeRelay, config_dict: dict[str, Any]
+) -> None:
+    relay = await make_relay(milter_config(config_dict))
+    client = await client_for(relay)
+    big = b"x" * 1000 + b"\r\n"
+    replies = await client.message(
+        "news@example.com", ["alice@example.net"], HEADERS, big * 1100
+    )  # > smtp.max_message_size (1 MiB in the test config)
+    assert replies[0].strings()[0].startswith("552 5.3.4 ")
+    client.writer.write(struct.pack("!I", 0xFFFFFFF0) + b"X")
+    with pytest.raises(asyncio.IncompleteReadError):
+        await client.read()
+    client = await client_for(relay)  # the listener is unaffected
+    replies = await client.message("news@example.com", ["alice@example.net"], HEADERS, BODY)
+    assert replies[-1].command == "a"
+    await client.close()
+
+
+async def test_unix_socket_listener(
+    make_relay: MakeRelay, config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "milter.sock"
+    relay = await make_relay(milter_config(config_dict, listen=f"unix:{path}"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    client = await MilterClient.connect(path)
+    await client.negotiate()
+    replies = await client.message("news@example.com", ["alice@example.net"], HEADERS, BODY)
+    assert replies[-1].command == "a"
+    await client.close()
+    await relay.stop()
+    assert not path.exists()
+
+
+async def test_mta_outside_allowed_networks_is_refused(
+    make_relay: MakeRelay, config_dict: dict[str, Any]
+) -> None:
+    raw = milter_config(config_dict)
+    raw["smtp"]["allowed_networks"] = ["192.0.2.0/24"]
+    relay = await make_relay(raw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.milter_port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
