@@ -207,6 +207,7 @@ async def test_oversized_message_refused_and_garbage_drops_the_connection(
     client.writer.write(struct.pack("!I", 0xFFFFFFF0) + b"X")
     with pytest.raises(asyncio.IncompleteReadError):
         await client.read()
+    client.writer.close()
     client = await client_for(relay)  # the listener is unaffected
     replies = await client.message("news@example.com", ["alice@example.net"], HEADERS, BODY)
     assert replies[-1].command == "a"
