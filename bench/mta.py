@@ -255,11 +255,22 @@ class PostfixInstance:
     """A private Postfix: own config, queue and data directories, loopback listeners only.
 
     ``plain_port``: a relay to the sink. ``dkim_port``: the same, with OpenDKIM as milter.
-    Started with ``postfix -c DIR start`` and stopped with ``postfix -c DIR stop``.
+    ``oneclick_port``: the same, with oneclick-relay's milter on ``oneclick_milter_port``
+    (listening only while a milter scenario runs), and ``reinject_port`` without milters
+    for the copies it re-injects. Started with ``postfix -c DIR start`` and stopped
+    with ``postfix -c DIR stop``.
     """
 
     def __init__(
-        self, folder: Path, sink_port: int, plain_port: int, dkim_port: int, milter_port: int
+        self,
+        folder: Path,
+        sink_port: int,
+        plain_port: int,
+        dkim_port: int,
+        milter_port: int,
+        oneclick_port: int = 0,
+        oneclick_milter_port: int = 0,
+        reinject_port: int = 0,
     ) -> None:
         self.folder = folder
         self.etc = folder / "etc"
@@ -269,6 +280,9 @@ class PostfixInstance:
         self.plain_port = plain_port
         self.dkim_port = dkim_port
         self.milter_port = milter_port
+        self.oneclick_port = oneclick_port
+        self.oneclick_milter_port = oneclick_milter_port
+        self.reinject_port = reinject_port
         self.log = folder / "maillog"
         self.started = False
 
@@ -345,15 +359,24 @@ milter_default_action = tempfail
             f"127.0.0.1:{self.plain_port} inet n - n - - smtpd",
             f"127.0.0.1:{self.dkim_port} inet n - n - - smtpd",
             f"  -o smtpd_milters=inet:127.0.0.1:{self.milter_port}",
-            *("  ".join(row) for row in chroot_free),
         ]
+        if self.oneclick_port:
+            lines += [
+                f"127.0.0.1:{self.oneclick_port} inet n - n - - smtpd",
+                f"  -o smtpd_milters=inet:127.0.0.1:{self.oneclick_milter_port}",
+                f"127.0.0.1:{self.reinject_port} inet n - n - - smtpd",
+                "  -o smtpd_milters=",
+                "  -o receive_override_options=no_milters",
+            ]
+        lines += ["  ".join(row) for row in chroot_free]
         (self.etc / "master.cf").write_text("\n".join(lines) + "\n")
         done = self._postfix("start")
         if done.returncode != 0:
             raise BenchError(f"postfix start failed: {self._why(done)}")
         self.started = True
-        wait_port(self.plain_port)
-        wait_port(self.dkim_port)
+        for port in (self.plain_port, self.dkim_port, self.oneclick_port, self.reinject_port):
+            if port:
+                wait_port(port)
         return self
 
     def _why(self, done: subprocess.CompletedProcess[bytes]) -> str:

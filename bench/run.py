@@ -237,6 +237,7 @@ class Scenario:
     rcpts: int
     marketing: bool
     entries: int = HIT_ENTRIES  # suppression list size
+    milter: bool = False  # through Postfix with the relay as its milter
 
     @property
     def base_id(self) -> str:
@@ -378,7 +379,10 @@ class RelayProc:
         redis_url: str,
         keys: dict[str, Path],
         source: Path = REPO,
+        milter_port: int = 0,
     ) -> None:
+        """``milter_port``: also listen as a milter there; ``sink_port`` is then the
+        Postfix port for re-injected copies."""
         self.folder = folder
         self.source = source  # ``python -m relay`` runs the relay/ package found here
         self.workers = workers
@@ -418,6 +422,8 @@ class RelayProc:
                 ],
             },
         }  # fmt: skip
+        if milter_port:
+            raw["milter"] = {"listen": f"127.0.0.1:{milter_port}"}
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     def start(self, timeout: float = 60.0) -> RelayProc:
@@ -636,11 +642,19 @@ class Bench:
                 ["rsa.bench.test", "ed.bench.test", "tx.bench.test"],
             ).start()
             self.postfix = PostfixInstance(
-                pf_dir, self.sink.port, free_port(), free_port(), milter_port
+                pf_dir,
+                self.sink.port,
+                free_port(),
+                free_port(),
+                milter_port,
+                oneclick_port=free_port(),
+                oneclick_milter_port=free_port(),
+                reinject_port=free_port(),
             ).start()
             log(
                 f"postfix: relay on {self.postfix.plain_port}, with OpenDKIM (milter"
-                f" {milter_port}) on {self.postfix.dkim_port}; queue in {self.postfix.queue}"
+                f" {milter_port}) on {self.postfix.dkim_port}, with oneclick-relay's milter"
+                f" on {self.postfix.oneclick_port}; queue in {self.postfix.queue}"
             )
 
     def teardown(self) -> None:
@@ -838,6 +852,9 @@ class Bench:
             Scenario("mkt-ed25519-1", "marketing, 1 rcpt, Ed25519", ED_FROM, 1, True),
             Scenario("mkt-rsa-100", "marketing, 100 rcpts fan-out, RSA-2048", RSA_FROM, 100, True),
         ]
+        if self.s.postfix:
+            title = "Postfix + oneclick milter: marketing, 1 rcpt, RSA-2048"
+            one_k.append(Scenario("milter-rsa-1", title, RSA_FROM, 1, True, milter=True))
         every: list[Scenario] = []
         for sc in one_k:
             every.append(sc)
@@ -855,26 +872,42 @@ class Bench:
         assert self.sink is not None
         for sc in self.scenarios():
             row = Row(
-                id=sc.id, title=sc.title, kind="relay", path="relay", rcpts=sc.rcpts,
-                workers=workers, suppression_entries=sc.entries,
+                id=sc.id, title=sc.title, kind="relay", path="milter" if sc.milter else "relay",
+                rcpts=sc.rcpts, workers=workers, suppression_entries=sc.entries,
             )  # fmt: skip
             redis = self.redis_big if sc.entries == BIG_SET else self.redis
             assert redis is not None
             self.wait_quiet()
             log(f"relay w={workers}: {sc.id} ({sc.title})")
+            pf = self.postfix if sc.milter else None
             self.relay = relay = RelayProc(
-                self.folder, workers, self.sink.port, redis.url, self.keys, self.s.relay_dir
+                self.folder,
+                workers,
+                pf.reinject_port if pf else self.sink.port,
+                redis.url,
+                self.keys,
+                self.s.relay_dir,
+                milter_port=pf.oneclick_milter_port if pf else 0,
             ).start()
             try:
-                self.run_scenario(row, relay, Load(sc.sender, sc.rcpts), sc.marketing)
+                self.run_scenario(row, relay, Load(sc.sender, sc.rcpts), sc.marketing, pf)
             finally:
                 relay.stop()
                 self.relay = None
             row.log_problems, row.signed_lines = relay.problems()
             self.finish_row(row)
 
-    def run_scenario(self, row: Row, relay: RelayProc, load: Load, marketing: bool) -> None:
-        port = relay.smtp_port
+    def run_scenario(
+        self,
+        row: Row,
+        relay: RelayProc,
+        load: Load,
+        marketing: bool,
+        postfix: PostfixInstance | None = None,
+    ) -> None:
+        """``postfix``: the load goes to Postfix, which runs the relay as its milter."""
+        port = postfix.oneclick_port if postfix else relay.smtp_port
+        pf: dict[str, Any] = {"queue": postfix} if postfix else {}
         hits_total = 0
         sent_total = 0
 
@@ -887,7 +920,10 @@ class Bench:
             hits_total += hits
             return r.recipients_used - hits, hits
 
-        count = self.calibrate(port, load, copies)
+        seconds = None
+        if postfix is not None:  # as for the Postfix baselines: long enough for its flow control
+            seconds = max(self.s.duration, POSTFIX_SECONDS * (0.75 if self.s.quick else 1))
+        count = self.calibrate(port, load, copies, seconds, **pf)
         sampler = None
         if self.s.profile is not None and relay.pid:
             out = self.s.profile / f"profile-{row.id}-w{row.workers}.txt"
@@ -895,15 +931,17 @@ class Bench:
             if sampler is not None:
                 row.profile = str(out)
                 time.sleep(0.5)  # attach
-        row.throughput = self.phase(port, load, copies, count=count)
+        row.throughput = self.phase(port, load, copies, count=count, **pf)
         if sampler is not None:
             try:
                 sampler.wait(self.s.duration + 30)
             except subprocess.TimeoutExpired:
                 stop_process(sampler)
-        row.closed = self.phase(port, load, copies, duration=self.s.latency, latency=True)
+        row.closed = self.phase(port, load, copies, duration=self.s.latency, latency=True, **pf)
         half = row.throughput.accepted_rate / 2
-        row.half = self.phase(port, load, copies, duration=self.s.half, rate=half, latency=True)
+        row.half = self.phase(
+            port, load, copies, duration=self.s.half, rate=half, latency=True, **pf
+        )
         assert self.sink is not None
         row.half_baseline = self.phase(
             self.sink.port, load, lambda r: (r.ok, 0), duration=self.s.half, rate=half, latency=True
@@ -1078,6 +1116,17 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
             "marketing 1 rcpt RSA-2048 >= 3x Postfix+OpenDKIM delivered msg/s", None, ">= 3.0",
             None, "needs the mkt-rsa-1 scenario and Postfix + OpenDKIM",
         )  # fmt: skip
+    milter = find(bench, "milter-rsa-1", w)
+    name = "Postfix + oneclick milter >= 2x Postfix + OpenDKIM delivered msg/s (1 rcpt, RSA)"
+    if milter and pf_dkim and pf_dkim.delivered():
+        x = milter.delivered() / pf_dkim.delivered()
+        add(
+            name, x, ">= 2.0", x >= 2.0,
+            f"{milter.delivered():.0f} vs {pf_dkim.delivered():.0f} msg/s (W={w})",
+            (milter.throughput, pf_dkim.throughput),
+        )  # fmt: skip
+    else:
+        add(name, None, ">= 2.0", None, "needs Postfix, OpenDKIM and the milter-rsa-1 scenario")
     tx = find(bench, "tx-1", w)
     pf = bench.baselines.get(("postfix", 1))
     if tx and pf and pf.delivered():
