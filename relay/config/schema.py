@@ -321,8 +321,9 @@ class MilterConfig:
     """``host:port``, or a Path for ``unix:/path``; None: no milter listener."""
     multi_recipient: MultiRecipient = "reinject"
     """Marketing to several recipients: re-inject the others' copies, or 452 them at RCPT."""
-    timeout: float = 300.0
-    """Idle time allowed between two packets from the MTA."""
+    timeout: float = 900.0
+    """Idle time allowed between two packets from the MTA (above Postfix's smtpd_timeout:
+    an SMTP session may sit idle between messages while its milter connection stays open)."""
 
 
 @dataclass(frozen=True, slots=True)

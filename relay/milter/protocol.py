@@ -156,7 +156,7 @@ def parse_connect(data: bytes) -> Connect:
 
 def reply_code(code: int, enhanced: str, text: str) -> bytes:
     """SMFIR_REPLYCODE: the MTA sends exactly this reply to the client."""
-    line = f"{code} {enhanced} {text}".replace("%", "%%")
+    line = f"{code} {enhanced} {text}"
     return packet(REPLYCODE, cstr(line.replace("\r", " ").replace("\n", " ")))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from relay.config import MilterConfig, SmtpConfig
 from relay.config.schema import HostPort
-from relay.mail.message import Header, Message
+from relay.mail.message import Header
 from relay.metrics import Metrics
 from relay.milter import protocol as p
 from relay.model import Envelope
@@ -290,8 +290,7 @@ class MilterSession:
         out = [p.delete_recipient(r) for r in envelope.rcpt_tos if r not in result.keep]
         if result.mail_from and result.mail_from != envelope.mail_from:
             out.append(p.change_from(result.mail_from))
-        old = Message.parse(envelope.data).headers
-        out += HeaderEdits(old, result.headers, self._leading_space).packets()
+        out += HeaderEdits(result.original, result.headers, self._leading_space).packets()
         out.append(p.packet(p.ACCEPT))
         return out
 

@@ -65,6 +65,7 @@ class _Prepared:
     route: Route
     lookup: Lookup
     copies: Iterator[_Copy]
+    original: tuple[Header, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,8 @@ class InPlace:
     headers: tuple[Header, ...] = ()
     mail_from: str = ""
     discard: bool = False
+    original: tuple[Header, ...] = ()
+    """The header block as the MTA handed it over, parsed once: what ``headers`` replaces."""
 
 
 @dataclass(slots=True)
@@ -227,7 +230,7 @@ class Pipeline:
         if trace.suppressed:
             parts.append(f"suppressed {trace.suppressed}")
         reply = SmtpReply(250, "2.0.0", f"Ok: {', '.join(parts)} id={trace.queue_id}")
-        return InPlace(reply, own.recipients, own.headers, own.mail_from)
+        return InPlace(reply, own.recipients, own.headers, own.mail_from, False, prepared.original)
 
     def is_marketing_sender(self, address: str) -> bool:
         """What the policy says of an address before the header is seen (milter RCPT)."""
@@ -288,7 +291,7 @@ class Pipeline:
             copies = self._copies(
                 base, kept, route, keys, bh, envelope.mail_from, trace.queue_id, split_shared
             )
-        return _Prepared(route, lookup, copies)
+        return _Prepared(route, lookup, copies, message.headers)
 
     async def _lookup(self, rcpts: tuple[str, ...], route: Route) -> Lookup:
         try:

@@ -9,6 +9,7 @@ without milters as the relay's ``upstream`` for re-injected copies.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import time
@@ -96,12 +97,17 @@ def one_click_urls(data: bytes) -> list[bytes]:
 
 @pytest.mark.usefixtures("perl_dkim")
 async def test_marketing_to_two_recipients_two_personal_signed_copies(
-    milter_stack: MakeStack, keys: Keys, tmp_path: Path
+    milter_stack: MakeStack, keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     stack = await milter_stack()
     rcpts = ["alice@example.net", "bob@example.org"]
     code, text = await smtp_send(stack.postfix.smtpd_port, "news@example.com", rcpts, message())
     assert code == 250, text
+    queue_id = text.rsplit(" ", 1)[-1]  # "Ok: queued as 433C820C9E6"
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("message ")]
+    assert f"id={queue_id} " in line  # the relay's log line joins Postfix's
+    assert "class=marketing" in line and "rcpts=2" in line and "copies=2" in line
     got = await stack.delivered(2)
     assert sorted(m.rcpt_tos for m in got) == [("alice@example.net",), ("bob@example.org",)]
     dns = keys.write_dns_file(tmp_path / "dns.txt")
