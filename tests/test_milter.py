@@ -19,6 +19,8 @@ import pytest
 from conftest import Keys, Sink
 from milterclient import MilterClient, Reply
 
+from relay.mail.message import Header
+from relay.milter.server import HeaderEdits
 from relay.runtime.app import Relay
 from relay.suppression.store import GLOBAL, group_scope
 
@@ -238,3 +240,19 @@ async def test_mta_outside_allowed_networks_is_refused(
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.milter_port)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+def test_header_edits_delete_last_first_and_insert_at_final_positions() -> None:
+    def field(name: str, value: str) -> Header:
+        return Header(name, f"{name}: {value}\r\n".encode())
+
+    a, b, z = field("A", "1"), field("B", "2"), field("Z", "9")
+    lu1, lu2 = field("List-Unsubscribe", "<x>"), field("List-Unsubscribe", "<y>")
+    sig, new_lu = field("DKIM-Signature", "v=1"), field("List-Unsubscribe", "<mine>")
+    edits = HeaderEdits([a, lu1, b, lu2], [sig, new_lu, a, b, z], leading_space=True)
+    assert edits.deletions == [("List-Unsubscribe", 2), ("List-Unsubscribe", 1)]
+    assert edits.inserts == [(0, sig), (1, new_lu)]
+    assert edits.appends == [z]
+    assert edits.value(sig) == " v=1"
+    folded = Header("X", b"X: one\r\n two\r\n")
+    assert HeaderEdits([], [], leading_space=False).value(folded) == "one\n two"

@@ -334,3 +334,44 @@ def _live(pids: list[int]) -> list[int]:
         if state != "Z":
             alive.append(pid)
     return alive
+
+
+async def test_milter_only_host_serves_with_two_workers_and_stops_on_sigterm(
+    config_dict: dict[str, Any], tmp_path: Path, sink: Sink
+) -> None:
+    from milterclient import MilterClient
+
+    port = free_port()
+    config_dict["smtp"]["listen"] = None
+    config_dict["smtp"]["workers"] = 2
+    config_dict["milter"] = {"listen": f"127.0.0.1:{port}"}
+    config_dict["http"]["listen"] = f"127.0.0.1:{free_port()}"
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    log = tmp_path / "relay.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a long-running child, not awaited here
+            [sys.executable, "-m", "relay", "serve", "-c", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        for _ in range(150):
+            if log.read_text().count("relay started") == 2:
+                break
+            assert proc.poll() is None, log.read_text()
+            await asyncio.sleep(0.1)
+        assert "smtp=- " in log.read_text() and f"milter=127.0.0.1:{port}" in log.read_text()
+        headers = [("From", "receipts@example.com"), ("To", "a@example.net"), ("Subject", "x")]
+        for _ in range(4):  # spread over both workers by the kernel
+            client = await MilterClient.connect(port)
+            await client.negotiate()
+            replies = await client.message("receipts@example.com", ["a@example.net"], headers, b"")
+            assert replies[-1].command == "a"
+            assert any(r.command == "i" and b"DKIM-Signature" in r.data for r in replies)
+            await client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
