@@ -256,3 +256,18 @@ def test_header_edits_delete_last_first_and_insert_at_final_positions() -> None:
     assert edits.value(sig) == " v=1"
     folded = Header("X", b"X: one\r\n two\r\n")
     assert HeaderEdits([], [], leading_space=False).value(folded) == "one\n two"
+
+
+async def test_too_many_recipients_refused_at_end_of_message(
+    make_relay: MakeRelay, config_dict: dict[str, Any]
+) -> None:
+    raw = milter_config(config_dict)
+    raw["smtp"]["max_recipients"] = 2
+    relay = await make_relay(raw)
+    client = await client_for(relay)  # RCPT negotiated without replies: counted at the end
+    rcpts = [f"u{i}@example.net" for i in range(3)]
+    headers = [("From", "receipts@example.com"), *HEADERS[1:]]
+    replies = await client.message("receipts@example.com", rcpts, headers, BODY)
+    assert [r.command for r in replies] == ["y"]
+    assert replies[0].strings()[0].startswith("452 4.5.3 ")
+    await client.close()

@@ -168,7 +168,7 @@ class MilterSession:
         except Exception:
             log.exception("milter session error command=%r", command)
             self._front.metrics.rejected.labels("451", "4.3.0").inc()
-            if self._replies(command) and command != p.BODYEOB:
+            if self._replies(command):
                 # A reply is due: tempfail it; after that the connection is dropped and
                 # the MTA's milter_default_action decides for anything else under way.
                 self._writer.write(p.packet(p.TEMPFAIL))
@@ -207,9 +207,10 @@ class MilterSession:
             args = p.strings(data)
             if not args:
                 raise p.ProtocolError("RCPT without an address")
-            refusal = self._front.refuse_rcpt(self._marketing_envelope, len(self._rcpts))
-            if refusal is not None:
-                return [refusal] if self._replies(command) else []
+            if self._replies(command):  # negotiated: RCPT may be refused here
+                refusal = self._front.refuse_rcpt(self._marketing_envelope, len(self._rcpts))
+                if refusal is not None:
+                    return [refusal]
             self._rcpts.append(_address(args[0]))
         elif command == p.HEADER:
             self._header(data)
@@ -266,6 +267,11 @@ class MilterSession:
             front.metrics.rejected.labels("552", "5.3.4").inc()
             log.info("milter message refused id=%s reason=size", queue_id or "-")
             return [p.reply_code(552, "5.3.4", f"message larger than {limit} bytes")]
+        if len(self._rcpts) > front.smtp.max_recipients:  # RCPT was not ours to refuse
+            front.metrics.rejected.labels("452", "4.5.3").inc()
+            log.info("milter message refused id=%s reason=recipients", queue_id or "-")
+            text = f"too many recipients (at most {front.smtp.max_recipients})"
+            return [p.reply_code(452, "4.5.3", text)]
         envelope = Envelope(
             mail_from=self._mail_from,
             rcpt_tos=tuple(self._rcpts),
