@@ -271,3 +271,19 @@ async def test_too_many_recipients_refused_at_end_of_message(
     assert [r.command for r in replies] == ["y"]
     assert replies[0].strings()[0].startswith("452 4.5.3 ")
     await client.close()
+
+
+async def test_verp_return_path_set_with_chgfrom_for_marketing_only(
+    make_relay: MakeRelay, config_dict: dict[str, Any]
+) -> None:
+    raw = milter_config(config_dict)
+    raw["bounces"] = {"return_path_domain": "bounce.example.com"}
+    relay = await make_relay(raw)
+    client = await client_for(relay)
+    replies = await client.message("news@example.com", ["alice@example.net"], HEADERS, BODY)
+    (change,) = [r.strings()[0] for r in replies if r.command == "e"]
+    assert change.startswith("<bounces+") and change.endswith("@bounce.example.com>")
+    headers = [("From", "receipts@example.com"), *HEADERS[1:5]]
+    replies = await client.message("receipts@example.com", ["alice@example.net"], headers, BODY)
+    assert not [r for r in replies if r.command == "e"]  # transactional: unchanged
+    await client.close()
