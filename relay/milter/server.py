@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from relay.config import MilterConfig, SmtpConfig
 from relay.config.schema import HostPort
+from relay.eventlog import EventLog
 from relay.mail.message import Header
 from relay.metrics import Metrics
 from relay.milter import protocol as p
@@ -34,7 +34,7 @@ from relay.model import Envelope
 from relay.outbound.pipeline import InPlace, Pipeline
 from relay.outbound.shield import Shielded
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 _NO_REPLY = (
     p.P_NR_CONN
@@ -162,11 +162,11 @@ class MilterSession:
                     self._writer.write(b"".join(answer))
                     await self._writer.drain()
         except (TimeoutError, p.ProtocolError) as exc:
-            log.warning("milter connection dropped error=%s", exc or type(exc).__name__)
+            log.warning("milter connection dropped", error=str(exc) or type(exc).__name__)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception:
-            log.exception("milter session error command=%r", command)
+            log.exception("milter session error", command=command.decode("latin-1"))
             self._front.metrics.rejected.labels("451", "4.3.0").inc()
             if self._replies(command):
                 # A reply is due: tempfail it; after that the connection is dropped and
@@ -235,7 +235,7 @@ class MilterSession:
         self._leading_space = bool(self._protocol & p.P_HDR_LEADSPC)
         missing = p.ACTIONS & ~offer.actions
         if missing:
-            log.warning("milter: the MTA does not offer actions 0x%x; edits may fail", missing)
+            log.warning("milter actions not offered", missing=hex(missing), effect="edits may fail")
         return p.optneg_reply(p.ACTIONS & offer.actions, self._protocol)
 
     def _header(self, data: bytes) -> None:
@@ -265,11 +265,11 @@ class MilterSession:
         if self._too_big:
             limit = front.smtp.max_message_size
             front.metrics.rejected.labels("552", "5.3.4").inc()
-            log.info("milter message refused id=%s reason=size", queue_id or "-")
+            log.info("milter message refused", id=queue_id or "-", reason="size")
             return [p.reply_code(552, "5.3.4", f"message larger than {limit} bytes")]
         if len(self._rcpts) > front.smtp.max_recipients:  # RCPT was not ours to refuse
             front.metrics.rejected.labels("452", "4.5.3").inc()
-            log.info("milter message refused id=%s reason=recipients", queue_id or "-")
+            log.info("milter message refused", id=queue_id or "-", reason="recipients")
             text = f"too many recipients (at most {front.smtp.max_recipients})"
             return [p.reply_code(452, "4.5.3", text)]
         envelope = Envelope(
@@ -348,7 +348,7 @@ class MilterFrontEnd(Shielded):
         peer = writer.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) and peer else ""
         if not self.peer_allowed(address):
-            log.warning("milter refused peer=%s reason=not-in-allowed-networks", address)
+            log.warning("milter refused", peer=address, reason="not-in-allowed-networks")
             writer.close()
             return
         await MilterSession(self, reader, writer).run()
