@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import idna
 import yaml
 
 from relay.config.schema import (
@@ -218,11 +219,11 @@ def _redis_url(value: object, key: str) -> str:
 
 
 def _domain(value: object, key: str) -> str:
-    text = _str(value, key).lower().rstrip(".")
-    try:
-        text = text.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ConfigError(key, "not a valid domain name") from None
+    text = _str(value, key).removesuffix(".")
+    try:  # the mapping of relay.mail.address.canonical_domain (config is below mail)
+        text = idna.encode(text, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        raise ConfigError(key, "not a valid domain name (IDNA 2008)") from None
     if not _DOMAIN.match(text):
         raise ConfigError(key, "not a valid domain name")
     return text

@@ -16,10 +16,13 @@ import time
 from typing import Any
 
 import pytest
-from helpers import smtp_send
+from conftest import Sink
+from helpers import message, smtp_send
 
 from relay.runtime.app import Relay
+from relay.suppression.store import GLOBAL
 
+ALICE = "alice@example.net"
 RETURN_PATH = "bounces@bounce.example.com"
 STALL = 0.25
 """The longest /healthz answer the tests accept while an attack runs (seconds)."""
@@ -110,3 +113,41 @@ async def test_long_run_of_return_path_prefixes_does_not_stall_the_loop(brelay: 
     assert "unattributed" in reply
     assert len(poller.latencies) >= 5
     assert poller.worst < STALL, f"/healthz took {poller.worst:.3f} s during the DSN"
+
+
+# ---------------------------------------------------------------------------
+# findings 7 and 8: one address normaliser for policy, signing and suppression
+
+
+@pytest.mark.parametrize("sender", ["news@example.com.", '"news"@example.com'])
+async def test_marketing_sender_spellings_get_one_click_headers(
+    relay: Relay, sink: Sink, sender: str
+) -> None:
+    """Both were classified transactional (no List-Unsubscribe) yet signed d=example.com."""
+    data = message(sender="news@example.com").replace(b"<news@example.com>", f"<{sender}>".encode())
+    code, reply = await smtp_send(relay.smtp_port, "app@example.com", [ALICE], data)
+    assert code == 250, reply
+    [copy] = sink.handler.messages
+    assert b"\r\nList-Unsubscribe: <https://unsub.example.com/u/" in copy.data
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in copy.data
+    assert b"d=example.com" in copy.data
+
+
+async def test_from_without_canonical_form_is_refused(relay: Relay, sink: Sink) -> None:
+    data = message(sender="news@xn--zz.example.com")
+    code, reply = await smtp_send(relay.smtp_port, "app@example.com", [ALICE], data)
+    assert code == 550
+    assert reply.startswith("5.1.7 From address cannot be normalised")
+    assert sink.handler.messages == []
+
+
+async def test_sharp_s_and_ss_domains_are_different_people(relay: Relay, sink: Sink) -> None:
+    """IDNA 2003 folded straße.de into strasse.de: one unsubscribe stopped both."""
+    assert relay.store is not None
+    await relay.store.add("kai@straße.de", GLOBAL, "manual", source="test")
+    code, reply = await smtp_send(
+        relay.smtp_port, "app@example.com", ["kai@strasse.de"], message(to="kai@strasse.de")
+    )
+    assert code == 250, reply
+    assert [m.rcpt_tos for m in sink.handler.messages] == [("kai@strasse.de",)]
+    assert await relay.store.add("kai@strasse.de", GLOBAL, "manual", source="test")
