@@ -285,8 +285,9 @@ class RelayHandler(ShieldedTransactions):
         self.users = users
         self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_client)
         self._auth_failures = RateLimiter(config.auth_max_failures_per_client, window=600.0)
-        self._hashing = asyncio.Semaphore(4)
-        """scrypt runs in threads (hashlib releases the GIL); at most this many at once."""
+        self._hashing = asyncio.Semaphore(1)
+        """scrypt runs in a thread (hashlib releases the GIL), one at a time: the event
+        loop keeps a core, and a guessing flood queues behind the delay and the caps."""
         super().__init__()
 
     async def handle_EHLO(
