@@ -196,13 +196,11 @@ class Intake:
                     inbound_id, data, self._clock(), keep, self._bounces.audit_max_bytes
                 )
             except StoreUnavailable as exc:
-                log.warning("inbound id=%s audit copy not stored error=%s", inbound_id, exc)
+                log.warning("inbound audit copy not stored", id=inbound_id, error=str(exc))
                 return
             kept = "full" if full else "over-budget"
             if not full:
-                log.warning(
-                    "inbound id=%s audit copy not kept: bounces.audit_max_bytes", inbound_id
-                )
+                log.warning("inbound audit copy not kept", id=inbound_id, reason="audit_max_bytes")
         elif result.outcome == "processed":
             kept = "full"
         self._metrics.inbound_audit.labels(kept).inc()

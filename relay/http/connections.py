@@ -12,15 +12,15 @@ to ``http.header_timeout`` so a partial or absent request head is closed then; a
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from relay.eventlog import EventLog
 from relay.limits import ConnectionLimiter, client_key
 from relay.metrics import Metrics
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
@@ -53,9 +53,7 @@ class _Gate(asyncio.Protocol):
         if refusal is not None:
             self._metrics.connections_refused.labels("http", refusal).inc()
             self._metrics.http_rejected.labels("503").inc()
-            log.warning(
-                "http refused client=%s reason=too-many-connections cap=%s", client, refusal
-            )
+            log.warning("http refused", client=client, reason="too-many-connections", cap=refusal)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(_REFUSAL)
             transport.close()
@@ -109,7 +107,7 @@ def body_deadline(seconds: float, metrics: Metrics) -> Callable[..., Awaitable[w
                 return await handler(request)
         except TimeoutError:
             metrics.http_rejected.labels("408").inc()
-            log.info("http refused path=%s reason=body-timeout", request.path[:64])
+            log.info("http refused", path=request.path[:64], reason="body-timeout")
             return web.Response(
                 text="Request body not received in time.\n",
                 status=408,
