@@ -187,6 +187,25 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.connections_refused = Counter(
+            "oneclick_connections_refused",
+            "Connections refused at once by a cap (listener: smtp, http, inbound; cap:"
+            " listener, client, network, rate).",
+            ["listener", "cap"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "oneclick_auth_failures",
+            "Failed SMTP AUTH attempts (outcome: failed; disconnected after too many).",
+            ["outcome"],
+            registry=r,
+        )
+        self.inbound_audit = Counter(
+            "oneclick_inbound_audit",
+            "Inbound messages by what the audit log kept (full, digest, over-budget).",
+            ["kept"],
+            registry=r,
+        )
 
     def observe_unsubscribe(self, seconds: float) -> None:
         """Time from click to suppression: the histogram and the dashboard's recent ring."""

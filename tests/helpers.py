@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import http.client
 import os
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -116,3 +120,39 @@ def group_members(pgid: int) -> list[int]:
             if stat is not None and stat[1] == pgid:
                 found.append(int(entry.name))
     return found
+
+
+class HealthPoller:
+    """Polls ``/healthz`` from its own thread and keeps every answer's latency."""
+
+    def __init__(self, port: int, interval: float = 0.02) -> None:
+        self._port = port
+        self._interval = interval
+        self._stop = threading.Event()
+        self.latencies: list[float] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=120)
+            try:
+                connection.request("GET", "/healthz")
+                connection.getresponse().read()
+            finally:
+                connection.close()
+            self.latencies.append(time.perf_counter() - started)
+            self._stop.wait(self._interval)
+
+    async def __aenter__(self) -> HealthPoller:
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Joined from another thread: the loop must keep serving the last poll."""
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 180)
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies)

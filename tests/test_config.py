@@ -496,6 +496,35 @@ ERRORS: list[tuple[str, Mutation, str]] = [
         "policy.groups.newsletter.bogus",
     ),
     ("group-name", setting("policy.groups.bad name", {}), "policy.groups.bad name"),
+    # limits (issue 15)
+    ("smtp-max-conn", setting("smtp.max_connections", 0), "smtp.max_connections"),
+    (
+        "smtp-per-client",
+        setting("smtp.max_connections_per_client", "many"),
+        "smtp.max_connections_per_client",
+    ),
+    ("auth-delay", setting("smtp.auth_failure_delay", -1), "smtp.auth_failure_delay"),
+    ("auth-max", setting("smtp.auth_max_failures", 0), "smtp.auth_max_failures"),
+    ("http-header-timeout", setting("http.header_timeout", 0), "http.header_timeout"),
+    ("http-body-timeout", setting("http.body_timeout", "slow"), "http.body_timeout"),
+    ("http-max-conn", setting("http.max_connections", -5), "http.max_connections"),
+    ("dkim-domain-idna", setting("dkim.0.domain", "xn--zz.example"), "dkim[0].domain"),
+    (
+        "bounces-networks",
+        setting("bounces", {"allowed_networks": ["not a network"]}),
+        "bounces.allowed_networks[0]",
+    ),
+    ("bounces-budget", setting("bounces", {"audit_max_bytes": "lots"}), "bounces.audit_max_bytes"),
+    (
+        "bounces-tls",
+        setting("bounces", {"tls": {"cert_file": "/nonexistent.pem", "key_file": "/x"}}),
+        "bounces.tls.cert_file",
+    ),
+    (
+        "bounces-rate",
+        setting("bounces", {"max_messages_per_client": 0}),
+        "bounces.max_messages_per_client",
+    ),
     # retry
     ("retry-negative", setting("retry.max_age", -1), "retry.max_age"),
     ("retry-string", setting("retry.first_delay", "soon"), "retry.first_delay"),

@@ -47,6 +47,8 @@ def test_every_commented_key_is_known(keys: Keys, tmp_path: Path) -> None:
     text = text.replace("/etc/oneclick-relay/dkim/example.com.e2026.pem", str(keys.ed25519))
     text = text.replace("/etc/oneclick-relay/tls/relay.crt", str(keys.rsa))
     text = text.replace("/etc/oneclick-relay/tls/relay.key", str(keys.rsa))
+    text = text.replace("/etc/oneclick-relay/tls/mx.crt", str(keys.rsa))
+    text = text.replace("/etc/oneclick-relay/tls/mx.key", str(keys.rsa))
     text = text.replace("/etc/oneclick-relay/users", str(tmp_path / "users"))
     text = text.replace("/etc/oneclick-relay/upstream.password", str(tmp_path / "users"))
     raw = yaml.safe_load(text)
@@ -54,5 +56,6 @@ def test_every_commented_key_is_known(keys: Keys, tmp_path: Path) -> None:
     raw["redis"].pop("cluster")
     config = parse_config(raw, source=tmp_path / "c.yaml")
     assert config.smtp.tls is not None
+    assert config.bounces.tls is not None
     assert config.events.webhook is not None
     assert len(config.dkim.keys) == 2

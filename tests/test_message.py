@@ -7,7 +7,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import PermFail
-from relay.mail.address import domain_of, normalize_address
+from relay.mail.address import (
+    AddressError,
+    canonical_address,
+    canonical_domain,
+    domain_of,
+    normalize_address,
+)
 from relay.mail.message import (
     MAX_HEADER_BLOCK,
     MAX_LINE,
@@ -372,7 +378,15 @@ def test_replace_remove_prepend_append() -> None:
         ("user@BÜCHER.example", "user@xn--bcher-kva.example"),
         ("user@xn--bcher-kva.example", "user@xn--bcher-kva.example"),
         ("Ñandú@example.com", "ñandú@example.com"),
-        ('"John.Doe"@Example.com', '"john.doe"@example.com'),
+        ('"John.Doe"@Example.com', "john.doe@example.com"),  # quotes of a dot-atom go
+        ('"John Doe"@Example.com', '"john doe"@example.com'),  # needed quotes stay
+        ('"a\\"b"@example.com', '"a\\"b"@example.com'),
+        ('"a\\bc"@example.com', "abc@example.com"),  # a needless escape
+        ("news@example.com.", "news@example.com"),  # the DNS root
+        ("<news@Example.COM.>", "news@example.com"),
+        ("user@straße.de", "user@xn--strae-oqa.de"),  # IDNA 2008, not folded to strasse
+        ("user@STRASSE.de", "user@strasse.de"),
+        ("user@[192.0.2.1]", "user@[192.0.2.1]"),
         ("a@b@Example.com", "a@b@example.com"),
         ("postmaster", "postmaster"),
         ("PostMaster", "postmaster"),
@@ -382,6 +396,23 @@ def test_replace_remove_prepend_append() -> None:
 def test_normalize_address(address: str, expected: str) -> None:
     assert normalize_address(address) == expected
     assert normalize_address(expected) == expected  # idempotent
+
+
+def test_idna_2008_keeps_sharp_s_and_final_sigma_distinct() -> None:
+    """IDNA 2003 (Python's codec) mapped these to other, existing domains."""
+    assert normalize_address("a@straße.de") != normalize_address("a@strasse.de")
+    assert canonical_domain("σίσυφος.gr") != canonical_domain("σίσυφοσ.gr")
+    assert canonical_domain("Straße.DE.") == canonical_domain("straße.de")
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["news@exa..mple.com", "news@-example.com", "news@xn--zz.example", "news@☃.example", "news"],
+)
+def test_canonical_address_refuses_what_has_no_canonical_form(address: str) -> None:
+    with pytest.raises(AddressError):
+        canonical_address(address)
+    assert normalize_address(address) == address.lower()  # storage still gets a stable key
 
 
 def test_domain_of() -> None:

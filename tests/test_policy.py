@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from relay.config import PolicyConfig, SenderRule, parse_config
+from relay.errors import PermFail
 from relay.model import Route
 from relay.outbound.policy import Policy
 
@@ -159,3 +160,41 @@ def test_describe_lists_rules_in_order_then_default(policy: Policy) -> None:
     assert lines[3] == "news-*@example.com -> marketing group=news-series scope=sender"
     assert lines[-1] == "(any other sender) -> transactional"
     assert len(lines) == len(RULES) + 1
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "news@example.com.",
+        '"news"@example.com',
+        '"News"@Example.COM.',
+        '"n\\ews"@example.com',
+    ],
+)
+def test_spellings_of_a_marketing_sender_are_classified_marketing(sender: str) -> None:
+    """A trailing root dot or needless quotes once made marketing mail transactional."""
+    policy = Policy(PolicyConfig(senders=(rule("news@example.com", group="newsletter"),)))
+    route = policy.classify(sender)
+    assert (route.message_class, route.group) == ("marketing", "newsletter")
+    assert route.sender == "news@example.com"
+
+
+def test_glob_rules_see_the_canonical_sender() -> None:
+    policy = Policy(PolicyConfig(senders=(rule("*@promo.example.com", group="p"),)))
+    assert policy.classify("deals@promo.example.com.").message_class == "marketing"
+    assert policy.classify('"deals"@PROMO.example.com').message_class == "marketing"
+
+
+def test_sharp_s_domain_is_not_the_ss_domain() -> None:
+    policy = Policy(PolicyConfig(senders=(rule("news@straße.de", group="s"),)))
+    assert policy.classify("news@straße.de").group == "s"
+    assert policy.classify("news@xn--strae-oqa.de").group == "s"
+    assert policy.classify("news@strasse.de").message_class == "transactional"
+
+
+@pytest.mark.parametrize("sender", ["news@exa..mple.com", "news@xn--zz.example", "news@☃.example"])
+def test_a_from_without_canonical_form_is_refused(sender: str) -> None:
+    with pytest.raises(PermFail) as info:
+        Policy(PolicyConfig()).classify(sender)
+    assert (info.value.reply.code, info.value.reply.enhanced) == (550, "5.1.7")
+    assert "From address cannot be normalised" in info.value.reply.text

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import idna
 import yaml
 
 from relay.config.schema import (
@@ -219,11 +220,11 @@ def _redis_url(value: object, key: str) -> str:
 
 
 def _domain(value: object, key: str) -> str:
-    text = _str(value, key).lower().rstrip(".")
-    try:
-        text = text.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ConfigError(key, "not a valid domain name") from None
+    text = _str(value, key).removesuffix(".")
+    try:  # the mapping of relay.mail.address.canonical_domain (config is below mail)
+        text = idna.encode(text, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        raise ConfigError(key, "not a valid domain name (IDNA 2008)") from None
     if not _DOMAIN.match(text):
         raise ConfigError(key, "not a valid domain name")
     return text
@@ -276,6 +277,15 @@ def _read_smtp(s: _Section, milter_listen: HostPort | Path | None) -> SmtpConfig
         workers=s.get("workers", 1 if unix else os.cpu_count() or 1, _int_range(1, 256)),
         tls=_read_smtp_tls(s.section("tls")) if s.has("tls") else None,
         auth_users_file=_read_smtp_auth(s.section("auth")) if s.has("auth") else None,
+        max_connections=s.get("max_connections", d.max_connections, _int_range(1, 100_000)),
+        max_connections_per_client=s.get(
+            "max_connections_per_client", d.max_connections_per_client, _int_range(1, 100_000)
+        ),
+        auth_failure_delay=s.get("auth_failure_delay", d.auth_failure_delay, _seconds),
+        auth_max_failures=s.get("auth_max_failures", d.auth_max_failures, _int_range(1, 100)),
+        auth_max_failures_per_client=s.get(
+            "auth_max_failures_per_client", d.auth_max_failures_per_client, _int_range(1, 10_000)
+        ),
     )
     s.used.update({"tls", "auth"})
     if unix and cfg.workers > 1:
@@ -330,6 +340,12 @@ def _read_http(s: _Section) -> HttpConfig:
         max_body_size=s.get("max_body_size", d.max_body_size, _int_range(256, MiB)),
         admin_token=_secret_from(s, "admin_token", required=False),
         trusted_proxies=tuple(_network(item, key) for item, key in s.items("trusted_proxies")),
+        max_connections=s.get("max_connections", d.max_connections, _int_range(1, 100_000)),
+        max_connections_per_client=s.get(
+            "max_connections_per_client", d.max_connections_per_client, _int_range(1, 100_000)
+        ),
+        header_timeout=s.get("header_timeout", d.header_timeout, _seconds),
+        body_timeout=s.get("body_timeout", d.body_timeout, _seconds),
     )
     if cfg.admin_token is not None and len(cfg.admin_token.reveal()) < 16:
         raise ConfigError(s.key("admin_token_file"), "token too short: use 16+ random characters")
@@ -648,6 +664,7 @@ def _read_bounces(s: _Section) -> BouncesConfig:
         classify.append((code, c.get(code, "unknown", kind_choice)))
     c.done()
     feedback = tuple(_address(item, key).lower() for item, key in s.items("feedback_addresses"))
+    networks = tuple(_network(item, key) for item, key in s.items("allowed_networks"))
     cfg = BouncesConfig(
         return_path_domain=s.get("return_path_domain", None, _domain),
         local_part=s.get("local_part", d.local_part, _local_part),
@@ -660,7 +677,25 @@ def _read_bounces(s: _Section) -> BouncesConfig:
         accept_unsigned=s.get("accept_unsigned", d.accept_unsigned, _bool),
         thresholds=thresholds,
         classify=tuple(classify),
+        allowed_networks=networks if "allowed_networks" in s.raw else d.allowed_networks,
+        tls=_read_inbound_tls(s.section("tls")) if s.has("tls") else None,
+        max_connections=s.get("max_connections", d.max_connections, _int_range(1, 100_000)),
+        max_connections_per_client=s.get(
+            "max_connections_per_client", d.max_connections_per_client, _int_range(1, 100_000)
+        ),
+        max_messages_per_client=s.get(
+            "max_messages_per_client", d.max_messages_per_client, _int_range(1, 100_000)
+        ),
+        audit_max_bytes=s.get("audit_max_bytes", d.audit_max_bytes, _size),
+        digest_bytes=s.get("digest_bytes", d.digest_bytes, _int_range(0, 64 * 1024)),
     )
+    s.used.add("tls")
+    s.done()
+    return cfg
+
+
+def _read_inbound_tls(s: _Section) -> SmtpTlsConfig:
+    cfg = SmtpTlsConfig(cert_file=s.file("cert_file"), key_file=s.file("key_file"))
     s.done()
     return cfg
 

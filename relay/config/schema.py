@@ -81,6 +81,16 @@ class SmtpConfig:
     tls: SmtpTlsConfig | None = None
     auth_users_file: Path | None = None
     """SMTP AUTH users (``oneclick-relay passwd``); lets clients outside allowed_networks in."""
+    max_connections: int = 500
+    """Open client connections at once; more are answered ``421 4.7.0`` and closed."""
+    max_connections_per_client: int = 100
+    """Open connections from one address (an IPv6 client by its /64)."""
+    auth_failure_delay: float = 1.0
+    """Seconds before a failed AUTH is answered, so guessing is slow."""
+    auth_max_failures: int = 3
+    """Failed AUTH attempts on one connection before it is closed (``421 4.7.0``)."""
+    auth_max_failures_per_client: int = 10
+    """Failed AUTH attempts from one address in 10 minutes before it is refused at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +114,14 @@ class HttpConfig:
     """Bearer token of the /admin/ API; None turns the API off."""
     trusted_proxies: tuple[Network, ...] = ()
     """Reverse proxies whose X-Forwarded-For names the real client."""
+    max_connections: int = 1000
+    """Open connections at once; more are answered ``503`` and closed."""
+    max_connections_per_client: int = 50
+    """Open connections from one address (trusted_proxies are exempt)."""
+    header_timeout: float = 15.0
+    """Seconds from connecting (or from the previous response) to a complete request head."""
+    body_timeout: float = 15.0
+    """Seconds a request body may take to arrive once its head is in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +277,24 @@ class BouncesConfig:
     """More addresses the listener accepts (a feedback-loop address, an old return path)."""
     keep_days: float = 30.0
     """How long each inbound message is kept in Redis for audit (and remembered as seen)."""
-    max_message_size: int = 10 * MiB
+    max_message_size: int = 2 * MiB
+    """Bounces carry headers or a truncated original (Postfix 50 kB, Exim 100 kB)."""
     timeout: float = 60.0
+    allowed_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("0.0.0.0/0"),
+        ipaddress.ip_network("::/0"),
+    )
+    """Who may connect: any MTA by default (it is an MX); others get ``554 5.7.1``."""
+    tls: SmtpTlsConfig | None = None
+    """STARTTLS on the listener (a certificate for its MX host name)."""
+    max_connections: int = 100
+    max_connections_per_client: int = 10
+    max_messages_per_client: int = 60
+    """Messages per minute from one address; more get ``451 4.7.1`` at MAIL."""
+    audit_max_bytes: int = 256 * MiB
+    """Redis bytes for full audit copies of attributed messages; past it, digests only."""
+    digest_bytes: int = 2048
+    """What is kept of a message that was not attributed (or over budget): its head."""
     accept_unsigned: bool = False
     """Also act on a recipient a report only states (no VERP code, no unsubscribe token)."""
     thresholds: BounceThresholds = BounceThresholds()

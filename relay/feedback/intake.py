@@ -130,7 +130,8 @@ class Intake:
         ).hexdigest()[:32]
         role = self._role(recipients, report)
         kind = "mailto" if role == "unsubscribe" else report.kind
-        if not await self._remember(inbound_id, data, source, report.message_id):
+        digest = data[: self._bounces.digest_bytes]
+        if not await self._remember(inbound_id, digest, source, report.message_id):
             result = Result(inbound_id, kind, "duplicate")
         else:
             try:
@@ -142,6 +143,7 @@ class Intake:
                 await self._forget(inbound_id)
                 raise
             await self._note_outcome(inbound_id, result)
+            await self._keep_copy(inbound_id, data, result)
         self._metrics.inbound.labels(result.kind, result.outcome).inc()
         log.info(
             "inbound",
@@ -183,6 +185,25 @@ class Intake:
         return await self._records.remember(
             inbound_id, data, self._clock(), source, message_id, keep
         )
+
+    async def _keep_copy(self, inbound_id: str, data: bytes, result: Result) -> None:
+        """The full copy for the audit log only for what was acted on, within the budget."""
+        kept = "digest"
+        if result.outcome == "processed" and len(data) > self._bounces.digest_bytes:
+            keep = max(1, int(self._bounces.keep_days * 86400))
+            try:
+                full = await self._records.keep_full(
+                    inbound_id, data, self._clock(), keep, self._bounces.audit_max_bytes
+                )
+            except StoreUnavailable as exc:
+                log.warning("inbound audit copy not stored", id=inbound_id, error=str(exc))
+                return
+            kept = "full" if full else "over-budget"
+            if not full:
+                log.warning("inbound audit copy not kept", id=inbound_id, reason="audit_max_bytes")
+        elif result.outcome == "processed":
+            kept = "full"
+        self._metrics.inbound_audit.labels(kept).inc()
 
     async def _forget(self, inbound_id: str) -> None:
         try:

@@ -2,25 +2,108 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import re
+
+import idna
+
+
+class AddressError(ValueError):
+    """An address that has no canonical form (a domain IDNA 2008 refuses, no domain)."""
+
+
+_ATOM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-/=?^_`{|}~")
+_LDH = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def canonical_address(address: str) -> str:
+    """The one canonical form of an address, for comparison, policy, signing and storage.
+
+    * angle brackets and surrounding space go;
+    * a quoted local part whose content is a dot-atom is unquoted (``"news"@x`` is
+      ``news@x``, RFC 5321 4.1.2 calls them the same mailbox); other quoted local
+      parts keep their quotes, with escapes reduced to the minimum;
+    * the local part is lower-cased: every large mailbox provider compares it
+      case-insensitively;
+    * the domain loses one trailing dot (the DNS root) and is converted with
+      IDNA 2008 and the UTS #46 mapping (non-transitional), so ``straße.de`` stays
+      ``xn--strae-oqa.de`` and is never folded to ``strasse.de`` as IDNA 2003 does.
+
+    Raises ``AddressError`` when there is no domain or IDNA 2008 refuses it.
+    """
+    text = address.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    local, at, domain = text.rpartition("@")
+    if not at or not local or not domain:
+        raise AddressError("address must be local-part@domain")
+    return f"{_canonical_local(local)}@{canonical_domain(domain)}"
 
 
 def normalize_address(address: str) -> str:
-    """The one place addresses are normalised for comparison and storage.
+    """``canonical_address``, or for input that has none the lower-cased text as it is.
 
-    Angle brackets and surrounding space go; the domain is lower-cased and
-    converted to its ASCII (IDNA) form; the local part is compared
-    case-insensitively, as every large mailbox provider does, so it is
-    lower-cased too.
+    For stored and looked-up addresses, where the caller has validated the syntax
+    already (envelope checks) and must not fail: an address that cannot be made
+    canonical still gets one stable key. The policy uses ``canonical_address`` and
+    refuses a From that has no canonical form.
     """
-    text = address.strip().strip("<>").strip()
-    local, at, domain = text.rpartition("@")
-    if not at:
-        return text.lower()
-    with contextlib.suppress(UnicodeError):
-        domain = domain.encode("idna").decode("ascii")
-    return f"{local.lower()}@{domain.lower()}"
+    try:
+        return canonical_address(address)
+    except AddressError:
+        return address.strip().strip("<>").strip().lower()
+
+
+def canonical_domain(domain: str) -> str:
+    """A domain in its ASCII form, lower-case, without the trailing root dot (IDNA 2008)."""
+    name = domain.strip()
+    if name.endswith("."):
+        name = name[:-1]
+    if name.startswith("[") and name.endswith("]"):
+        return name.lower()  # an address literal
+    lowered = name.lower()
+    if lowered.isascii() and "xn--" not in lowered and _is_ldh(lowered):
+        return lowered  # the common case: no IDNA work
+    return _idna(name)
+
+
+def _is_ldh(domain: str) -> bool:
+    return all(
+        0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and _LDH.issuperset(label)
+        for label in domain.split(".")
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _idna(name: str) -> str:
+    try:
+        return idna.encode(name, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise AddressError(f"domain {name[:80]!r} is not a valid IDNA 2008 name: {exc}") from None
+
+
+def _canonical_local(local: str) -> str:
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        content = _unquote(local[1:-1]).lower()
+        if _is_dot_atom(content):
+            return content
+        escaped = content.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return local.lower()
+
+
+def _unquote(text: str) -> str:
+    out: list[str] = []
+    chars = iter(text)
+    for ch in chars:
+        out.append(next(chars, "") if ch == "\\" else ch)
+    return "".join(out)
+
+
+def _is_dot_atom(text: str) -> bool:
+    return bool(text) and all(
+        atom and all(ch in _ATOM or ord(ch) > 127 for ch in atom) for atom in text.split(".")
+    )
 
 
 _SPECIALS = frozenset('"(),:;<>@[\\]')
@@ -60,4 +143,9 @@ def address_problem(address: str, smtputf8: bool = False) -> str | None:
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    """The domain of an address, canonical (see ``canonical_domain``) where it can be."""
+    domain = address.rpartition("@")[2]
+    try:
+        return canonical_domain(domain)
+    except AddressError:
+        return domain.lower()

@@ -31,6 +31,7 @@ from dkim.canonicalization import Relaxed
 
 from relay.config import DkimConfig, DkimKeyConfig
 from relay.errors import ConfigError
+from relay.mail.address import domain_of
 from relay.mail.message import Header, Message
 
 SIGNED_HEADERS = (
@@ -168,7 +169,7 @@ class Signer:
     def __init__(self, keys: Sequence[DkimKey], clock: Callable[[], float] = time.time) -> None:
         self._by_domain: dict[str, list[DkimKey]] = {}
         for key in keys:
-            self._by_domain.setdefault(key.domain, []).append(key)
+            self._by_domain.setdefault(domain_of(f"@{key.domain}"), []).append(key)
         self._clock = clock
 
     @classmethod
@@ -181,7 +182,7 @@ class Signer:
 
     def keys_for(self, from_domain: str) -> list[DkimKey]:
         """Keys of the From domain, or of its nearest configured parent (relaxed alignment)."""
-        labels = from_domain.lower().rstrip(".").split(".")
+        labels = domain_of(f"@{from_domain}").split(".")
         for i in range(len(labels) - 1):
             keys = self._by_domain.get(".".join(labels[i:]))
             if keys:

@@ -3,6 +3,12 @@
 Rules are tried in order and the first match wins. A rule's ``match`` is an exact
 address, ``*@domain``, or any shell-style glob (``news-*@example.com``); matching is
 case-insensitive. Unmatched senders get ``policy.default_class``.
+
+Senders and rules are compared in the one canonical form of
+``relay.mail.address.canonical_address`` (no trailing dot, quoted local parts
+unquoted, IDNA 2008), the same form the signer picks keys by and the suppression
+list stores: ``news@example.com.`` is ``news@example.com``. A From that has no
+canonical form is refused ``550 5.1.7`` rather than guessed at.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import re
 from dataclasses import dataclass
 
 from relay.config import PolicyConfig, SenderRule
-from relay.mail.address import normalize_address
+from relay.errors import PermFail
+from relay.mail.address import AddressError, canonical_address, canonical_domain, normalize_address
 from relay.model import Route
 
 
@@ -24,13 +31,13 @@ class _Compiled:
 
 
 def _ascii_domain(match: str) -> str:
-    """The rule with an internationalised domain in its ASCII form, as senders are compared."""
+    """A glob rule with its domain in canonical form (when the domain has no wildcard)."""
     local, at, domain = match.rpartition("@")
-    if not at or domain.isascii() or any(ch in domain for ch in "*?["):
+    if not at or any(ch in domain for ch in "*?["):
         return match
     try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
+        return f"{local}@{canonical_domain(domain)}"
+    except AddressError:
         return match
 
 
@@ -51,7 +58,11 @@ class Policy:
         return self._config
 
     def classify(self, from_address: str) -> Route:
-        sender = normalize_address(from_address)
+        """The route of ``from_address``; ``PermFail`` 550 5.1.7 if it has no canonical form."""
+        try:
+            sender = canonical_address(from_address)
+        except AddressError as exc:
+            raise PermFail("5.1.7", f"From address cannot be normalised: {exc}") from None
         for compiled in self._rules:
             if compiled.exact is not None:
                 matched = compiled.exact == sender

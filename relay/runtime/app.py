@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -38,13 +40,15 @@ from types import TracebackType
 
 from aiohttp import web
 
-from relay.config import Config, load_config
+from relay.config import Config, Network, load_config
 from relay.errors import ConfigError
 from relay.feedback.esp.intake import EspIntake
 from relay.http.admin import AdminApi
+from relay.http.connections import body_deadline, gated
 from relay.http.hooks import EspHooks
 from relay.http.web import MAX_HEADERS, MAX_LINE, WebApp
 from relay.inbound.listener import InboundHandler, start_listener
+from relay.limits import ConnectionLimiter
 from relay.mail.dkim import Signer
 from relay.metrics import Metrics
 from relay.milter.server import MilterFrontEnd
@@ -105,6 +109,7 @@ class Relay:
         self._live: parts.Live | None = None
         self._events: AsyncExitStack | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._http_port = 0
 
     # -- what tests, the demo and the benchmarks read -----------------------------------
 
@@ -263,13 +268,19 @@ class Relay:
         drain = config.smtp.drain_timeout
         bounces = config.bounces
         if bounces.listen is not None:
-            inbound = InboundHandler(live.handling.intake, bounces.protocol == "lmtp")
+            inbound = InboundHandler(
+                live.handling.intake, bounces.protocol == "lmtp", bounces, metrics
+            )
             listener = await stack.enter_async_context(
                 listening(
                     "bounces.listen",
                     bounces.listen,
                     lambda: start_listener(
-                        inbound, bounces, config.smtp.hostname, reuse_port=self._reuse_port
+                        inbound,
+                        bounces,
+                        config.smtp.hostname,
+                        reuse_port=self._reuse_port,
+                        tls_context=files.inbound_tls,
                     ),
                     inbound.drain,
                     drain,
@@ -328,7 +339,7 @@ class Relay:
             retry_worker=retry_worker,
             loop_lag=loop_lag,
             smtp_port=smtp_port,
-            http_port=int(runner.addresses[0][1]),
+            http_port=self._http_port,
             inbound_port=inbound_port,
             milter_port=milter_port,
         )
@@ -377,25 +388,41 @@ class Relay:
             if http.admin_token is not None
             else None
         )
+        application = web_app.build(http.max_body_size, admin, hooks)
+        application.middlewares.append(body_deadline(http.body_timeout, self.metrics))
         runner = web.AppRunner(
-            web_app.build(http.max_body_size, admin, hooks),
+            application,
             access_log=None,
             handle_signals=False,
             max_headers=MAX_HEADERS,
             max_line_size=MAX_LINE,
             max_field_size=MAX_LINE,
+            keepalive_timeout=http.header_timeout,
         )
         await runner.setup()
+        server: asyncio.Server | None = None
         try:
-            site = web.TCPSite(
-                runner, http.listen.host, http.listen.port, reuse_port=self._reuse_port or None
+            trusted = http.trusted_proxies
+            limiter = ConnectionLimiter(
+                http.max_connections,
+                http.max_connections_per_client,
+                exempt=lambda client: _in_networks(client, trusted),
             )
+            assert runner.server is not None
             try:
-                await site.start()
+                server = await asyncio.get_running_loop().create_server(
+                    gated(runner.server, limiter, self.metrics),
+                    http.listen.host,
+                    http.listen.port,
+                    reuse_port=self._reuse_port or None,
+                )
             except OSError as exc:
                 raise cannot_listen("http.listen", http.listen, exc) from None
+            self._http_port = bound_port(server)
             yield runner
         finally:
+            if server is not None:
+                server.close()
             await runner.cleanup()
 
     async def _open_events(self, stores: parts.Stores, live: parts.Live) -> None:
@@ -486,6 +513,47 @@ class Relay:
         await asyncio.shield(task)
 
 
+def _raise_file_limit(config: Config) -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard one; warn if the caps could still exceed it.
+
+    The connection caps refuse a connection with 421/503 before the process runs out
+    of descriptors (EMFILE makes accept() fail for every listener at once), provided
+    they add up to less than the limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    inbound = config.bounces.max_connections if config.bounces.listen is not None else 0
+    needed = (
+        config.smtp.max_connections
+        + config.http.max_connections
+        + inbound
+        + 2 * config.upstream.connections
+        + 64  # Redis, files, the admin's background work
+    )
+    if needed > soft:
+        log.warning(
+            "open file limit %d is below the connection caps (smtp.max_connections,"
+            " http.max_connections, bounces.max_connections) plus pools: %d;"
+            " raise LimitNOFILE or lower the caps",
+            soft,
+            needed,
+        )
+
+
+def _in_networks(client: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
 async def serve(
     config: Config,
     ready: Callable[[Relay], None] | None = None,
@@ -501,6 +569,7 @@ async def serve(
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the start: a SIGTERM then still stops
         loop.add_signal_handler(sig, stopping.set)
+    _raise_file_limit(config)
     relay = Relay(config, reuse_port=reuse_port, baseline=baseline)
     reloads: set[asyncio.Task[None]] = set()
 

@@ -66,14 +66,19 @@ log = logging.getLogger(__name__)
 class Files:
     tls: ssl.SSLContext | None
     users: Users | None
+    inbound_tls: ssl.SSLContext | None = None
+    """STARTTLS of the inbound listener (``bounces.tls``)."""
 
 
 def load_files(config: Config) -> Files:
-    """The SMTP listener's certificate and users file; raises ConfigError naming the key."""
-    smtp = config.smtp
+    """The listeners' certificates and users file; raises ConfigError naming the key."""
+    smtp, bounces = config.smtp, config.bounces
     return Files(
         tls=server_tls(smtp.tls) if smtp.tls is not None else None,
         users=Users.load(smtp.auth_users_file) if smtp.auth_users_file is not None else None,
+        inbound_tls=(
+            server_tls(bounces.tls, "bounces.tls.cert_file") if bounces.tls is not None else None
+        ),
     )
 
 
@@ -83,12 +88,12 @@ def check_files(config: Config) -> None:
     load_files(config)
 
 
-def server_tls(config: SmtpTlsConfig) -> ssl.SSLContext:
+def server_tls(config: SmtpTlsConfig, key: str = "smtp.tls.cert_file") -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(config.cert_file, config.key_file)
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError("smtp.tls.cert_file", f"cannot load certificate/key: {exc}") from None
+        raise ConfigError(key, f"cannot load certificate/key: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 

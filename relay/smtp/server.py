@@ -23,6 +23,7 @@ from aiosmtpd.smtp import Envelope as AioEnvelope
 
 from relay.config import SmtpConfig
 from relay.eventlog import EventLog
+from relay.limits import ConnectionLimiter, RateLimiter, client_key
 from relay.mail.address import address_problem
 from relay.metrics import Metrics
 from relay.model import Envelope
@@ -82,7 +83,58 @@ class _CrlfReader(asyncio.StreamReader):
         return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
 
 
-class RelaySMTP(SMTP):
+class LimitedConnections:
+    """Connection caps for an aiosmtpd listener: over a cap, ``421 4.7.0`` and close.
+
+    Checked in ``connection_made``, before aiosmtpd starts a session task, so a
+    refused connection costs one write. The STARTTLS handshake calls
+    ``connection_made`` again on the same object: that is not a new connection.
+    """
+
+    limiter: ConnectionLimiter
+    listener_name = "smtp"
+    _limit_client: str | None = None
+    _refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._limit_client is None and not self._refused:
+            client = client_key(transport.get_extra_info("peername"))
+            refusal = self.limiter.admit(client)
+            if refusal is not None:
+                self._refused = True
+                self._metrics.connections_refused.labels(self.listener_name, refusal).inc()
+                log.warning(
+                    f"{self.listener_name} refused",
+                    client=client,
+                    reason="too-many-connections",
+                    cap=refusal,
+                )
+                whom = "from your address" if refusal == "client" else "to this server"
+                reply = f"421 4.7.0 {self.hostname} too many connections {whom}, try again later"
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(reply.encode() + b"\r\n")
+                transport.close()
+                return
+            self._limit_client = client
+        super().connection_made(transport)  # type: ignore[misc]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._limit_client is not None:
+            self.limiter.release(self._limit_client)
+            self._limit_client = None
+        super().connection_lost(error)  # type: ignore[misc]
+
+    @property
+    def _metrics(self) -> Metrics:
+        metrics: Metrics = self.event_handler.metrics  # type: ignore[attr-defined]
+        return metrics
+
+    hostname: str
+
+
+class RelaySMTP(LimitedConnections, SMTP):
     line_length_limit = 1024 * 1024
 
     def __init__(
@@ -103,11 +155,12 @@ class RelaySMTP(SMTP):
             timeout=config.timeout,
             tls_context=None if implicit else tls_context,
             auth_require_tls=not implicit,
-            authenticator=handler.authenticate,
             **kwargs,
         )
+        self.limiter = handler.limiter
         self._allowed = config.allowed_networks
-        self._metrics = handler.metrics
+        self._offered: tuple[str, LoginPassword] | None = None
+        self.auth_failures = 0
         self._stream_reader.__class__ = _CrlfReader  # type: ignore[attr-defined]
         self.trusted = False
         """The client is in allowed_networks; others must authenticate before MAIL."""
@@ -152,6 +205,30 @@ class RelaySMTP(SMTP):
             return
         await super()._handle_client()
 
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        """aiosmtpd's synchronous check: only note what was offered (see ``auth_PLAIN``)."""
+        self._offered = (mechanism, auth_data)
+        return AuthResult(success=False, handled=True)
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """aiosmtpd's parsing, then ``RelayHandler.verify`` off the loop (scrypt in a thread)."""
+        self._offered = None
+        result: AuthResult = await super().auth_PLAIN(server, args)
+        return await self._verify_offered(result)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        self._offered = None
+        result: AuthResult = await super().auth_LOGIN(server, args)
+        return await self._verify_offered(result)
+
+    async def _verify_offered(self, parsed: AuthResult) -> AuthResult:
+        offered, self._offered = self._offered, None
+        if offered is None:  # aiosmtpd already answered (bad base64, '*', …)
+            return parsed
+        mechanism, credentials = offered
+        handler: RelayHandler = self.event_handler
+        return await handler.verify(self, mechanism, credentials)
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             text = with_enhanced_code(status)
@@ -189,6 +266,11 @@ class RelayHandler(ShieldedTransactions):
         self.config = config
         self.metrics = metrics
         self.users = users
+        self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_client)
+        self._auth_failures = RateLimiter(config.auth_max_failures_per_client, window=600.0)
+        self._hashing = asyncio.Semaphore(1)
+        """scrypt runs in a thread (hashlib releases the GIL), one at a time: the event
+        loop keeps a core, and a guessing flood queues behind the delay and the caps."""
         super().__init__()
 
     async def handle_EHLO(
@@ -204,23 +286,49 @@ class RelayHandler(ShieldedTransactions):
             responses = [r for r in responses if not r.startswith("250-AUTH")]
         return [responses[0], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", *responses[1:]]
 
-    def authenticate(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: AioEnvelope,
-        mechanism: str,
-        auth_data: Any,
+    async def verify(
+        self, server: RelaySMTP, mechanism: str, credentials: LoginPassword
     ) -> AuthResult:
-        if self.users is None or not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        login = auth_data.login.decode("utf-8", errors="replace")
-        ok = self.users.verify(login, auth_data.password.decode("utf-8", errors="replace"))
-        peer = session.peer[0] if isinstance(session.peer, tuple) else "local"
-        log.info("auth", user=login[:64], mechanism=mechanism, client=peer, ok=ok)
-        if not ok:
-            self.metrics.rejected.labels("535", "5.7.8").inc()
-        return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
+        """Check a password off the event loop; slow down and cut off repeated failures.
+
+        A failure is answered after ``smtp.auth_failure_delay``; the
+        ``smtp.auth_max_failures``-th on one connection closes it, and an address with
+        ``smtp.auth_max_failures_per_client`` failures in ten minutes is refused
+        before its password is even checked.
+        """
+        session = server.session
+        peer = session.peer if session is not None else None
+        client = client_key(peer)
+        login = credentials.login.decode("utf-8", errors="replace")
+        if self._auth_failures.count(client) >= self._auth_failures.limit:
+            self.metrics.auth_failures.labels("refused").inc()
+            log.warning("auth refused", client=client, reason="too-many-failures")
+            await self._close(server, "421 4.7.0 too many failed authentications, try again later")
+            return AuthResult(success=False, handled=True)
+        ok = False
+        if self.users is not None:
+            password = credentials.password.decode("utf-8", errors="replace")
+            async with self._hashing:
+                ok = await asyncio.to_thread(self.users.verify, login, password)
+        log.info("auth", user=login[:64], mechanism=mechanism, client=client, ok=ok)
+        if ok:
+            return AuthResult(success=True, handled=False, auth_data=login)
+        self._auth_failures.add(client)
+        server.auth_failures += 1
+        self.metrics.auth_failures.labels("failed").inc()
+        self.metrics.rejected.labels("535", "5.7.8").inc()
+        await asyncio.sleep(self.config.auth_failure_delay)
+        if server.auth_failures >= self.config.auth_max_failures:
+            self.metrics.auth_failures.labels("disconnected").inc()
+            await self._close(server, "421 4.7.0 too many failed authentications, closing")
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)
+
+    @staticmethod
+    async def _close(server: RelaySMTP, reply: str) -> None:
+        await server.push(reply)
+        if server.transport is not None:
+            server.transport.close()
 
     async def handle_MAIL(
         self,

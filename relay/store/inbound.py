@@ -2,7 +2,11 @@
 
 Written only if absent, so the same DSN delivered twice is processed and counted
 once; ``forget`` removes a message whose processing failed so that the sender's
-retry is processed.
+retry is processed. What is written first is a bounded digest (the message's first
+``digest_bytes``); only a message that was attributed gets its full copy
+(``keep_full``), and only while the full copies of the last ``keep_days`` stay under
+``bounces.audit_max_bytes`` (counted per day in one hash, so approximate under
+concurrency by at most the messages in flight). Junk costs a digest, never its size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ log = EventLog(__name__)
 _REMEMBER = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'data', ARGV[1], 'received', ARGV[2], 'source', ARGV[3],
-           'message_id', ARGV[4], 'outcome', 'processing')
+           'message_id', ARGV[4], 'outcome', 'processing', 'kept', 'digest')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -56,6 +60,31 @@ class InboundLog:
                     pipe.zremrangebyscore(self._keys.inbound_index, "-inf", now - keep)
                     await pipe.execute()
         return bool(new)
+
+    async def keep_full(
+        self, inbound_id: str, data: bytes, now: float, keep: int, budget: int
+    ) -> bool:
+        """Store the full copy if the budget allows; False when only the digest stays."""
+        day = int(now // 86400)
+        with unavailable("inbound audit copy"):
+            raw = await self._redis.hgetall(self._keys.inbound_bytes)
+            used, old = 0, []
+            for field, value in raw.items():
+                bucket = int(field)
+                if bucket <= day - keep // 86400 - 1:
+                    old.append(field)
+                else:
+                    used += int(value)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if old:
+                    pipe.hdel(self._keys.inbound_bytes, *old)
+                if used + len(data) <= budget:
+                    pipe.hset(
+                        self._keys.inbound(inbound_id), mapping={"data": data, "kept": "full"}
+                    )
+                    pipe.hincrby(self._keys.inbound_bytes, str(day), len(data))
+                await pipe.execute()
+        return used + len(data) <= budget
 
     async def forget(self, inbound_id: str) -> None:
         with unavailable("inbound forget"):

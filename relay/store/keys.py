@@ -11,6 +11,7 @@ the tag ``{queue}`` so its Lua scripts touch one slot::
     {prefix}:{queue}:item:<id>        HASH    one deferred copy
     {prefix}:inbound                  ZSET    inbound message id -> received time
     {prefix}:inbound:{<id>}           HASH    one inbound message, kept bounces.keep_days
+    {prefix}:inbound:bytes            HASH    day -> bytes of full audit copies stored that day
     {prefix}:daily:<YYYY-MM-DD>       HASH    the day's counters, per metric and group
     {prefix}:{stats}                  HASH    live suppression entries per scope kind, reason
                                               and expiry day, kept as entries change
@@ -54,6 +55,10 @@ class Keys:
     @property
     def inbound_index(self) -> str:
         return f"{self.prefix}:inbound"
+
+    @property
+    def inbound_bytes(self) -> str:
+        return f"{self.prefix}:inbound:bytes"
 
     def inbound(self, inbound_id: str) -> str:
         return f"{self.prefix}:inbound:{{{inbound_id}}}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import message
+from helpers import HealthPoller, message
 
 from relay.runtime.app import Relay
+
+STALL = 0.25
+"""The longest /healthz answer accepted while an attack runs (seconds)."""
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
@@ -69,10 +74,15 @@ def secured(config_dict: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     return config_dict
 
 
-def client(relay: Relay, **kwargs: Any) -> aiosmtplib.SMTP:
+def insecure_context() -> ssl.SSLContext:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def client(relay: Relay, **kwargs: Any) -> aiosmtplib.SMTP:
+    context = insecure_context()
     return aiosmtplib.SMTP(
         hostname="127.0.0.1",
         port=relay.smtp_port,
@@ -170,3 +180,94 @@ async def test_auth_user_name_cannot_write_a_log_line(
     assert json.loads(JsonFormatter().format(records[0]))["user"].startswith("app1\\x0a2026")
     assert 'user="app1\\\\x0a2026-01-01' in TextFormatter().format(records[0])
     assert 'user="\\\\x1b[1;32mapp1\\\\x1b[0m"' in TextFormatter().format(records[1])
+
+
+# ---------------------------------------------------------------------------
+# AUTH under attack: checked off the loop, slowed down, cut off
+
+
+async def tls_session(relay: Relay, context: ssl.SSLContext) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=relay.smtp_port, timeout=30, tls_context=context, start_tls=False
+    )
+    await smtp.connect()
+    await smtp.starttls()
+    await smtp.ehlo()
+    return smtp
+
+
+async def guess(smtp: aiosmtplib.SMTP, attempts: int) -> list[int]:
+    """Wrong passwords on one connection; the reply code of each attempt."""
+    codes = []
+    try:
+        for _ in range(attempts):
+            try:
+                await smtp.auth_plain("app1", "wrong password")
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                codes.append(exc.code)
+            except aiosmtplib.SMTPServerDisconnected:
+                codes.append(0)
+                break
+            if codes[-1] == 421:
+                break
+    finally:
+        smtp.close()
+    return codes
+
+
+async def bad_logins(relay: Relay, attempts: int, context: ssl.SSLContext) -> list[int]:
+    return await guess(await tls_session(relay, context), attempts)
+
+
+async def test_parallel_bad_passwords_do_not_stall_the_loop(
+    make_relay: Any, secured: dict[str, Any]
+) -> None:
+    """16 connections guessing: /healthz took 2-3 s when scrypt ran on the loop."""
+    secured["smtp"]["auth_failure_delay"] = 0.2
+    secured["smtp"]["auth_max_failures_per_client"] = 1000
+    relay = await make_relay(secured)
+    context = insecure_context()  # built once: loading the CA store takes ~0.3 s
+
+    connected = threading.Event()
+    go = threading.Event()
+
+    async def attack() -> list[list[int]]:
+        sessions = await asyncio.gather(*(tls_session(relay, context) for _ in range(16)))
+        connected.set()  # TLS handshakes done: what is measured is the AUTH traffic
+        await asyncio.to_thread(go.wait, 60)
+        return await asyncio.gather(*(guess(smtp, 10) for smtp in sessions))
+
+    # the clients run on their own loop in another thread: only the relay's loop is measured
+    attacker = asyncio.ensure_future(asyncio.to_thread(asyncio.run, attack()))
+    assert await asyncio.to_thread(connected.wait, 60)
+    async with HealthPoller(relay.http_port) as poller:
+        await asyncio.sleep(0.2)
+        go.set()
+        results = await attacker
+        await asyncio.sleep(0.2)
+    assert results == [[535, 535, 421]] * 16  # cut off at the third failure
+    assert len(poller.latencies) >= 5
+    assert poller.worst < STALL, f"/healthz took {poller.worst:.3f} s during AUTH attempts"
+    text = relay.metrics.render().decode()
+    assert 'oneclick_auth_failures_total{outcome="failed"} 48.0' in text
+    assert 'oneclick_auth_failures_total{outcome="disconnected"} 16.0' in text
+
+
+async def test_an_address_with_many_failures_is_refused(
+    make_relay: Any, secured: dict[str, Any], sink: Sink
+) -> None:
+    secured["smtp"]["auth_failure_delay"] = 0.05
+    secured["smtp"]["auth_max_failures_per_client"] = 4
+    relay = await make_relay(secured)
+    context = insecure_context()
+    assert await bad_logins(relay, 10, context) == [535, 535, 421]
+    assert await bad_logins(relay, 10, context) == [535, 421]  # 4 in ten minutes: refused
+    smtp = client(relay)
+    await smtp.connect()
+    await smtp.starttls()
+    await smtp.ehlo()
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError) as refused:
+        await smtp.auth_plain("app1", "correct horse battery")  # even the right one
+    assert (refused.value.code, refused.value.message[:5]) == (421, "4.7.0")
+    smtp.close()
+    assert 'oneclick_auth_failures_total{outcome="refused"} 2.0' in relay.metrics.render().decode()
