@@ -307,6 +307,8 @@ class AdminApi:
             since=_date(q, "since"),
             until=_date(q, "until"),
         )
+        chunks = aiter(export_csv(self._store, filters))
+        first = await anext(chunks)  # the first rows come from Redis: an outage is still a 503
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/csv; charset=utf-8",
@@ -314,8 +316,17 @@ class AdminApi:
             }
         )
         await response.prepare(request)
-        async for chunk in export_csv(self._store, filters):
-            await response.write(chunk.encode())
+        try:
+            await response.write(first.encode())
+            async for chunk in chunks:
+                await response.write(chunk.encode())
+        except StoreUnavailable as exc:
+            # the 200 is sent: cut the connection so the client sees a truncated body,
+            # never a CSV that looks complete (or a response that never ends)
+            log.warning("export cut", error=exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write_eof()
         return response
 

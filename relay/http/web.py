@@ -8,13 +8,14 @@ scanners and prefetchers follow GETs, so a GET never changes anything.
 
 from __future__ import annotations
 
+import hmac
 import html
 import ipaddress
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from relay.config import Network
+from relay.config import Network, Secret
 from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
 from relay.http.admin import AdminApi
@@ -65,11 +66,13 @@ class WebApp:
         store: SuppressionStore,
         metrics: Metrics,
         trusted_proxies: tuple[Network, ...] = (),
+        metrics_token: Secret | None = None,
     ) -> None:
         self.unsubscriber = unsubscriber
         self._store = store
         self._metrics = metrics
         self._trusted = trusted_proxies
+        self._metrics_token = metrics_token.reveal() if metrics_token is not None else None
 
     def build(
         self, max_body_size: int, admin: AdminApi | None = None, hooks: EspHooks | None = None
@@ -176,6 +179,19 @@ class WebApp:
         return web.json_response({"status": "degraded", "redis": "unreachable"}, status=503)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """The Prometheus text; with ``http.metrics_token_file`` only for its bearer token."""
+        if self._metrics_token is not None:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self._metrics_token
+            ):
+                self._metrics.http_rejected.labels("401").inc()
+                log.warning("metrics request refused", client=request.remote)
+                return web.Response(
+                    text="missing or wrong bearer token\n",
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="oneclick-relay metrics"'},
+                )
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
 
 

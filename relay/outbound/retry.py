@@ -186,7 +186,7 @@ class RetryWorker:
             try:
                 await self.run_once()
             except StoreUnavailable as exc:
-                log.warning("retry queue unavailable", error=type(exc).__name__)
+                log.warning("retry queue unavailable", error=exc)
             if self._stopped:
                 break
             waiter = asyncio.ensure_future(self._wake.wait())
