@@ -1,17 +1,32 @@
-"""Errors that cross module boundaries.
+"""Errors that cross module boundaries: the one tree every layer above the libraries sees.
 
 ::
 
-    RelayError
-    ├── ConfigError          a YAML key is missing or wrong; names the dotted key
-    ├── StoreUnavailable     Redis could not answer (suppression store, retry queue)
-    └── SmtpError            carries the reply the SMTP client will see
-        ├── TempFail         4xx: the client keeps the message and retries
-        └── PermFail         5xx: the client gets the reason and gives up
+    RelayError                    base of every error the relay raises on purpose
+    ├── ConfigError               a YAML key is missing or wrong; names the dotted key (exit 2)
+    ├── StoreUnavailable          Redis could not answer: every redis-py / Cluster error,
+    │                             mapped once in relay.store.client.unavailable
+    ├── EmbeddedRedisError        (relay.store.embedded) no server binary, or it did not start
+    ├── ProtectedEntry            (relay.suppression.store) a complaint removed without force
+    ├── TokenError                (relay.mail.tokens) an unsubscribe token that cannot be
+    │   │                         honoured; ``status`` is the HTTP status to answer
+    │   ├── MalformedToken        400
+    │   ├── UnknownKey            404: signed by a key no longer configured
+    │   └── ExpiredToken          400
+    ├── ForgedCode                (relay.mail.verp) a return-path code no key signed
+    └── SmtpError                 carries the reply the SMTP client will see
+        ├── TempFail              4xx: the client keeps the message and retries
+        └── PermFail              5xx: the client gets the reason and gives up
+            └── MessageError      (relay.mail.message) 550 5.6.0, the message is malformed
 
-Third-party exceptions are translated into these where they enter (``upstream.py``
-for aiosmtplib, ``suppression.py`` for redis-py), so the pipeline only ever sees
-this tree. ``SmtpReply`` is the value the SMTP front end writes to the socket.
+Third-party exceptions are translated where they enter, once: ``relay.store.client``
+for redis-py (``unavailable``), ``relay.outbound.upstream`` for aiosmtplib (into an
+``SmtpReply`` per recipient), ``relay.config.loader`` for PyYAML and the files it reads.
+The front ends (smtp, http, inbound) catch only this tree: ``StoreUnavailable`` is
+``451 4.3.0`` over SMTP and ``503`` over HTTP, never a traceback
+(``tests/e2e/test_store_errors_e2e.py``). One exception stays outside on purpose:
+``relay.outbound.upstream._Dropped``, control flow private to that module (always
+caught there). ``SmtpReply`` is the value the SMTP front end writes to the socket.
 """
 
 from __future__ import annotations

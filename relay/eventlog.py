@@ -34,12 +34,14 @@ def _hex(match: re.Match[str]) -> str:
 
 def escape(text: str) -> str:
     """``text`` with every character that could break or forge a log line made visible."""
+    if text.isprintable():  # the common case, one C loop: no control, separator or bidi mark
+        return text
     return _UNSAFE.sub(_hex, text)
 
 
 def clean(value: object) -> Value:
     """A field value as logged: numbers and booleans as they are, anything else escaped text."""
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     text = value if isinstance(value, str) else str(value)
     if len(text) > MAX_VALUE:
@@ -52,7 +54,9 @@ def _text(value: Value) -> str:
         return "-"
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = str(value)
+    if not isinstance(value, str):
+        return str(value)  # a number: never needs quotes
+    text = value
     if _BARE.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

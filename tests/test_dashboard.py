@@ -9,24 +9,24 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from relay.http.dashboard import (
+from relay.http.charts import (
     GMAIL_THRESHOLDS,
-    DashboardData,
-    Latency,
     axis_top,
-    day_range,
     fmt_pct,
     latency_histogram,
     line_chart,
     reason_bars,
-    render_dashboard,
-    render_login,
-    session_valid,
-    session_value,
     stacked_bars,
+)
+from relay.http.dashboard import (
+    DashboardData,
+    Latency,
+    day_range,
     suppression_counts,
     unsubscribes_by_group,
 )
+from relay.http.pages import render_dashboard, render_login
+from relay.http.session import session_valid, session_value
 from relay.metrics import RecentDurations
 from relay.suppression.report import DayRow
 from relay.suppression.transfer import CachedStats, Stats
@@ -271,3 +271,27 @@ def test_recent_durations_percentiles() -> None:
     assert ring.percentile(50) == pytest.approx(0.150)
     assert ring.percentile(99) == pytest.approx(0.199)
     assert ring.percentile(100) == pytest.approx(0.200)
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_suppression_note_is_escaped(computed: bool) -> None:
+    """The suppressions note carries a Redis error text: it is text, computed or not."""
+    stats = Stats(by_scope_reason=Counter({("global", EVIL): 2}), addresses=1)
+    suppressions = (
+        suppression_counts(CachedStats(stats, 1_773_000_000.0, 0.2)) if computed else None
+    )
+    text = page(suppressions=suppressions, suppressions_note=f"scan failed: {EVIL}")
+    assert "<script" not in text.lower()
+    assert "scan failed: &lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_templates_autoescape_every_page() -> None:
+    from relay.http.pages import environment, render_refused, render_unsubscribe_confirm
+
+    env = environment()
+    assert env.autoescape is True  # for every template, whatever its name ends with
+    assert set(env.list_templates()) >= {"dashboard.html", "login.html", "public.html"}
+    page_text = render_unsubscribe_confirm(EVIL, f"j***@{EVIL}", "List-Unsubscribe", "One-Click")
+    assert "<script" not in page_text.lower()
+    assert page_text.count("&lt;script&gt;") == 2
+    assert "<script" not in render_refused(EVIL).lower()

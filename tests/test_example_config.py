@@ -37,12 +37,13 @@ def test_every_commented_key_is_known(keys: Keys, tmp_path: Path) -> None:
                 continue
         lines.append(line)
     text = "\n".join(lines)
-    for path in ("token-k1.key", "webhook.key", "admin.token", "users"):
+    for path in ("token-k1.key", "webhook.key", "admin.token", "metrics.token", "users"):
         target = tmp_path / path
         target.write_text("x" * 48 + "\n")
     text = text.replace("/etc/oneclick-relay/token-k1.key", str(tmp_path / "token-k1.key"))
     text = text.replace("/etc/oneclick-relay/webhook.key", str(tmp_path / "webhook.key"))
     text = text.replace("/etc/oneclick-relay/admin.token", str(tmp_path / "admin.token"))
+    text = text.replace("/etc/oneclick-relay/metrics.token", str(tmp_path / "metrics.token"))
     text = text.replace("/etc/oneclick-relay/dkim/example.com.s2026.pem", str(keys.rsa))
     text = text.replace("/etc/oneclick-relay/dkim/example.com.e2026.pem", str(keys.ed25519))
     text = text.replace("/etc/oneclick-relay/tls/relay.crt", str(keys.rsa))
@@ -58,4 +59,5 @@ def test_every_commented_key_is_known(keys: Keys, tmp_path: Path) -> None:
     assert config.smtp.tls is not None
     assert config.bounces.tls is not None
     assert config.events.webhook is not None
+    assert config.http.metrics_token is not None
     assert len(config.dkim.keys) == 2

@@ -339,6 +339,7 @@ def _read_http(s: _Section) -> HttpConfig:
         public_url=s.require("public_url", _https_url),
         max_body_size=s.get("max_body_size", d.max_body_size, _int_range(256, MiB)),
         admin_token=_secret_from(s, "admin_token", required=False),
+        metrics_token=_secret_from(s, "metrics_token", required=False),
         trusted_proxies=tuple(_network(item, key) for item, key in s.items("trusted_proxies")),
         max_connections=s.get("max_connections", d.max_connections, _int_range(1, 100_000)),
         max_connections_per_client=s.get(
@@ -349,6 +350,8 @@ def _read_http(s: _Section) -> HttpConfig:
     )
     if cfg.admin_token is not None and len(cfg.admin_token.reveal()) < 16:
         raise ConfigError(s.key("admin_token_file"), "token too short: use 16+ random characters")
+    if cfg.metrics_token is not None and len(cfg.metrics_token.reveal()) < 16:
+        raise ConfigError(s.key("metrics_token_file"), "token too short: use 16+ random characters")
     s.done()
     return cfg
 

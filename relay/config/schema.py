@@ -112,6 +112,8 @@ class HttpConfig:
     max_body_size: int = 8192
     admin_token: Secret | None = None
     """Bearer token of the /admin/ API; None turns the API off."""
+    metrics_token: Secret | None = None
+    """Bearer token /metrics asks for; None leaves /metrics open (bind it to a private address)."""
     trusted_proxies: tuple[Network, ...] = ()
     """Reverse proxies whose X-Forwarded-For names the real client."""
     max_connections: int = 1000

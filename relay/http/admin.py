@@ -9,7 +9,7 @@ operations as ``oneclick-relay suppress …``; the OpenAPI document is served at
 cannot send a bearer header: without a token it answers 401 with a sign-in form
 that POSTs the token to ``/admin/login``, which sets an HttpOnly, SameSite=Strict
 session cookie (Secure over HTTPS) good for 12 hours and for the dashboard only;
-see ``relay/dashboard.py``.
+see ``relay/http/session.py``; the page is ``relay/http/pages.py``.
 """
 
 from __future__ import annotations
@@ -24,19 +24,9 @@ from aiohttp import web
 from relay.config import Secret
 from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
-from relay.http.dashboard import (
-    PAGE_HEADERS,
-    SESSION_COOKIE,
-    SESSION_SECONDS,
-    DashboardData,
-    Latency,
-    day_range,
-    render_dashboard,
-    render_login,
-    session_valid,
-    session_value,
-    suppression_counts,
-)
+from relay.http.dashboard import DashboardData, Latency, day_range, suppression_counts
+from relay.http.pages import PAGE_HEADERS, render_dashboard, render_login
+from relay.http.session import SESSION_COOKIE, SESSION_SECONDS, session_valid, session_value
 from relay.metrics import Metrics
 from relay.outbound.retry import RetryQueue
 from relay.suppression.report import GMAIL_GOAL, GMAIL_LIMIT, DailyCounters
@@ -307,6 +297,8 @@ class AdminApi:
             since=_date(q, "since"),
             until=_date(q, "until"),
         )
+        chunks = aiter(export_csv(self._store, filters))
+        first = await anext(chunks)  # the first rows come from Redis: an outage is still a 503
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/csv; charset=utf-8",
@@ -314,8 +306,17 @@ class AdminApi:
             }
         )
         await response.prepare(request)
-        async for chunk in export_csv(self._store, filters):
-            await response.write(chunk.encode())
+        try:
+            await response.write(first.encode())
+            async for chunk in chunks:
+                await response.write(chunk.encode())
+        except StoreUnavailable as exc:
+            # the 200 is sent: cut the connection so the client sees a truncated body,
+            # never a CSV that looks complete (or a response that never ends)
+            log.warning("export cut", error=exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write_eof()
         return response
 

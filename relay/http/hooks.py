@@ -9,7 +9,6 @@ with Redis down it answers 503, so the provider retries (each event is acted on 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from relay.config import EspWebhookConfig
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.feedback.esp import events
 from relay.feedback.esp.events import BadPayload, EspEvent
 from relay.feedback.esp.intake import EspIntake
@@ -33,7 +33,7 @@ from relay.feedback.esp.verify import (
 )
 from relay.metrics import Metrics
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
 """A SendGrid batch of 1,000 events is ~1 MB; nothing a provider sends is near this."""
@@ -158,7 +158,7 @@ class EspHooks:
         try:
             found = await self._authenticated_events(config, request, body)
         except Unauthenticated as exc:
-            log.warning("esp webhook refused provider=%s reason=%s", provider, exc.reason)
+            log.warning("esp webhook refused", provider=provider, reason=exc.reason)
             return self._answer(provider, "unauthenticated", exc.status, exc.reason)
         except BadPayload as exc:
             return self._answer(provider, "bad-payload", 400, str(exc))
@@ -170,7 +170,7 @@ class EspHooks:
             applied = await self.intake.apply(found)
         except StoreUnavailable:
             return self._answer(provider, "store-unavailable", 503, "try again later")
-        log.info("esp webhook provider=%s events=%d %s", provider, len(found), applied)
+        log.info("esp webhook", provider=provider, events=len(found), applied=applied)
         return self._answer(provider, "accepted", 200, f"ok {applied}")
 
     def _answer(self, provider: str, outcome: str, status: int, text: str) -> web.Response:
@@ -221,7 +221,7 @@ class EspHooks:
         try:
             certificate = await self._certs.get(str(message.get("SigningCertURL", "")))
         except OSError as exc:
-            log.warning("esp webhook provider=ses certificate not fetched: %s", exc)
+            log.warning("esp webhook certificate not fetched", provider="ses", error=exc)
             raise TryLater("SNS certificate not fetched") from exc
         verify_sns(message, certificate)
         kind = message.get("Type")
@@ -229,7 +229,7 @@ class EspHooks:
             await self._confirm(str(topic), str(message.get("SubscribeURL", "")))
             return None
         if kind == "UnsubscribeConfirmation":
-            log.warning("esp webhook provider=ses topic=%s unsubscribed this endpoint", topic)
+            log.warning("esp webhook unsubscribed this endpoint", provider="ses", topic=topic)
             return None
         text = message.get("Message")
         if not isinstance(text, str):
@@ -244,13 +244,14 @@ class EspHooks:
             await self._fetch(url)
         except OSError as exc:
             log.warning(
-                "esp webhook provider=ses topic=%s subscription not confirmed (%s);"
-                " confirm it by opening SubscribeURL",
-                topic,
-                exc,
+                "esp webhook subscription not confirmed",
+                provider="ses",
+                topic=topic,
+                error=exc,
+                action="confirm it by opening SubscribeURL",
             )
             raise TryLater("subscription not confirmed") from exc
-        log.info("esp webhook provider=ses topic=%s subscription confirmed", topic)
+        log.info("esp webhook subscription confirmed", provider="ses", topic=topic)
 
 
 def _object(body: bytes) -> Mapping[str, Any]:

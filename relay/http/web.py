@@ -8,18 +8,23 @@ scanners and prefetchers follow GETs, so a GET never changes anything.
 
 from __future__ import annotations
 
-import html
+import hmac
 import ipaddress
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from relay.config import Network
+from relay.config import Network, Secret
 from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
 from relay.http.admin import AdminApi
-from relay.http.dashboard import PAGE_HEADERS
 from relay.http.hooks import EspHooks
+from relay.http.pages import (
+    PAGE_HEADERS,
+    render_refused,
+    render_unsubscribe_confirm,
+    render_unsubscribed,
+)
 from relay.mail.tokens import ExpiredToken, TokenError
 from relay.metrics import Metrics
 from relay.suppression.store import SuppressionStore
@@ -33,24 +38,7 @@ MAX_HEADERS = 64
 MAX_LINE = 4096
 
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
-color:#1d1d1f;line-height:1.5}}
-h1{{font-size:1.4rem}}
-button{{font-size:1rem;padding:.6rem 1.4rem;border:0;border-radius:.4rem;
-background:#1a5fb4;color:#fff;cursor:pointer}}
-.muted{{color:#666;font-size:.9rem}}
-</style></head>
-<body><h1>{title}</h1>{body}</body></html>
-"""
-
-
-def _page(title: str, body: str, status: int = 200) -> web.Response:
-    text = _PAGE.format(title=html.escape(title), body=body)
+def _page(text: str, status: int = 200) -> web.Response:
     return web.Response(text=text, status=status, content_type="text/html", headers=PAGE_HEADERS)
 
 
@@ -65,11 +53,13 @@ class WebApp:
         store: SuppressionStore,
         metrics: Metrics,
         trusted_proxies: tuple[Network, ...] = (),
+        metrics_token: Secret | None = None,
     ) -> None:
         self.unsubscriber = unsubscriber
         self._store = store
         self._metrics = metrics
         self._trusted = trusted_proxies
+        self._metrics_token = metrics_token.reveal() if metrics_token is not None else None
 
     def build(
         self, max_body_size: int, admin: AdminApi | None = None, hooks: EspHooks | None = None
@@ -100,18 +90,14 @@ class WebApp:
             claims = self.unsubscriber.inspect(token)
         except TokenError as exc:
             return self._refuse(exc, html_page=True)
-        name = html.escape(self.unsubscriber.list_name(claims))
-        address = html.escape(_mask(claims.recipient))
-        body = (
-            f"<p>Stop sending <strong>{name}</strong> to {address}?</p>"
-            '<form method="post">'
-            f'<input type="hidden" name="{ONE_CLICK_FIELD}" value="{ONE_CLICK_VALUE}">'
-            '<input type="hidden" name="via" value="page">'
-            "<button type=submit>Unsubscribe</button></form>"
-            '<p class="muted">Other mail, such as receipts and password resets, is not affected.'
-            "</p>"
+        return _page(
+            render_unsubscribe_confirm(
+                self.unsubscriber.list_name(claims),
+                _mask(claims.recipient),
+                ONE_CLICK_FIELD,
+                ONE_CLICK_VALUE,
+            )
         )
-        return _page("Unsubscribe", body)
 
     async def post_unsubscribe(self, request: web.Request) -> web.Response:
         token = request.match_info["token"]
@@ -140,11 +126,7 @@ class WebApp:
             return _plain("Service temporarily unavailable, please try again later.", 503)
         name = self.unsubscriber.list_name(done.claims)
         if via_page:
-            return _page(
-                "Unsubscribed",
-                f"<p>{html.escape(_mask(done.claims.recipient))} will no longer receive"
-                f" <strong>{html.escape(name)}</strong>.</p>",
-            )
+            return _page(render_unsubscribed(name, _mask(done.claims.recipient)))
         return _plain(f"Unsubscribed from {name}.")
 
     def client_address(self, request: web.Request) -> str:
@@ -167,7 +149,7 @@ class WebApp:
             else "This unsubscribe link is not valid."
         )
         if html_page:
-            return _page("Link not valid", f"<p>{html.escape(text)}</p>", exc.status)
+            return _page(render_refused(text), exc.status)
         return _plain(text, exc.status)
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -176,6 +158,19 @@ class WebApp:
         return web.json_response({"status": "degraded", "redis": "unreachable"}, status=503)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """The Prometheus text; with ``http.metrics_token_file`` only for its bearer token."""
+        if self._metrics_token is not None:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self._metrics_token
+            ):
+                self._metrics.http_rejected.labels("401").inc()
+                log.warning("metrics request refused", client=request.remote)
+                return web.Response(
+                    text="missing or wrong bearer token\n",
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="oneclick-relay metrics"'},
+                )
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
 
 

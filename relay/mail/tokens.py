@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relay.config import TokensConfig
+from relay.errors import RelayError
 from relay.model import UnsubscribeScope
 
 MAX_TOKEN_LENGTH = 1024
@@ -38,7 +39,7 @@ _SCOPE_CODES: dict[UnsubscribeScope, bytes] = {"group": b"g", "sender": b"s", "a
 _SCOPES_BY_CODE = {code[0]: scope for scope, code in _SCOPE_CODES.items()}
 
 
-class TokenError(Exception):
+class TokenError(RelayError):
     """The token cannot be honoured; ``status`` is the HTTP status to answer."""
 
     status = 400

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relay.config import Config, TokensConfig
+from relay.errors import RelayError
 from relay.mail.address import normalize_address
 
 MAX_LOCAL_PART = 64
@@ -71,7 +72,7 @@ def _word(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
 
 
-class ForgedCode(Exception):
+class ForgedCode(RelayError):
     """A return-path code whose tag matches no recipient under any configured key."""
 
 

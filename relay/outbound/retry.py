@@ -75,7 +75,7 @@ class RetryQueue:
     async def put(self, mail_from: str, rcpt: str, data: bytes, reply: str) -> str:
         item_id = uuid.uuid4().hex
         now = self._clock()
-        with unavailable("retry queue write"):
+        with unavailable("retry queue write failed"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     self._item_key(item_id),
@@ -95,7 +95,7 @@ class RetryQueue:
     async def claim(self, limit: int) -> list[QueuedItem]:
         now = self._clock()
         items = []
-        with unavailable("retry queue claim"):
+        with unavailable("retry queue claim failed"):
             ids = await self._claim(keys=[self._zset], args=[now, now + LEASE, limit])
             for raw_id in ids:
                 item = await self._load(raw_id.decode())
@@ -125,7 +125,7 @@ class RetryQueue:
         return backoff(failures, self._config.first_delay, self._config.max_delay)
 
     async def done(self, item_id: str) -> None:
-        with unavailable("retry queue write"):
+        with unavailable("retry queue write failed"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(self._zset, item_id)
                 pipe.delete(self._item_key(item_id))
@@ -134,7 +134,7 @@ class RetryQueue:
     async def defer(self, item: QueuedItem, reply: str) -> float:
         attempts = item.attempts + 1  # retries that failed; the first failure came before
         due = self._clock() + self._delay(attempts + 1)
-        with unavailable("retry queue write"):
+        with unavailable("retry queue write failed"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._item_key(item.id), mapping={"attempts": attempts, "reply": reply})
                 pipe.zadd(self._zset, {item.id: due})
@@ -145,11 +145,11 @@ class RetryQueue:
         return self._clock() - item.first > self._config.max_age
 
     async def length(self) -> int:
-        with unavailable("retry queue length"):
+        with unavailable("retry queue length failed"):
             return int(await self._redis.zcard(self._zset))
 
     async def list(self, limit: int = 1000) -> list[QueuedItem]:
-        with unavailable("retry queue read"):
+        with unavailable("retry queue read failed"):
             entries = cast(
                 list[tuple[bytes, float]],
                 await self._redis.zrange(self._zset, 0, limit - 1, withscores=True),
@@ -186,7 +186,7 @@ class RetryWorker:
             try:
                 await self.run_once()
             except StoreUnavailable as exc:
-                log.warning("retry queue unavailable", error=type(exc).__name__)
+                log.warning("retry queue unavailable", error=exc)
             if self._stopped:
                 break
             waiter = asyncio.ensure_future(self._wake.wait())

@@ -58,7 +58,12 @@ def reply_from(code: int, message: str, stage: str = "") -> SmtpReply:
 
 
 class _Dropped(Exception):
-    """The connection broke; ``sent_data`` says whether DATA had been sent."""
+    """The connection broke; ``sent_data`` says whether DATA had been sent.
+
+    Outside the ``RelayError`` tree on purpose: control flow inside this module
+    (reconnect once, or not when DATA was sent), always caught here and turned into
+    an ``SmtpReply``; it never reaches a caller.
+    """
 
     def __init__(self, sent_data: bool) -> None:
         self.sent_data = sent_data

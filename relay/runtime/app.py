@@ -255,7 +255,11 @@ class Relay:
         await self._open_events(stores, live)
 
         web_app = WebApp(
-            live.handling.unsubscriber, stores.store, metrics, config.http.trusted_proxies
+            live.handling.unsubscriber,
+            stores.store,
+            metrics,
+            config.http.trusted_proxies,
+            metrics_token=config.http.metrics_token,
         )
         hooks = (
             EspHooks(config.esp_webhooks, live.handling.esp, metrics)

@@ -23,6 +23,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "http.listen",
     "http.max_body_size",
     "http.admin_token",
+    "http.metrics_token",
     "http.trusted_proxies",
     "redis.url",
     "redis.cluster",

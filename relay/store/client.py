@@ -17,8 +17,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ChildDeadlockedError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.config import RedisConfig
@@ -29,8 +29,9 @@ RedisClient: TypeAlias = Redis | RedisCluster
 
 log = EventLog(__name__)
 
-REDIS_ERRORS = (RedisError, RedisClusterException)
-"""What a Redis call raises when the server cannot answer (the Cluster one is no RedisError)."""
+REDIS_ERRORS = (RedisError, RedisClusterException, ChildDeadlockedError)
+"""What a Redis call raises when the server cannot answer (the Cluster one and the
+pool's after-fork one are no RedisError)."""
 
 
 def _retry() -> Retry:

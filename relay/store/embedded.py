@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from relay.errors import RelayError
 
-class EmbeddedRedisError(RuntimeError):
-    pass
+
+class EmbeddedRedisError(RelayError):
+    """No redis-server/valkey-server to start, or it did not come up."""
 
 
 def find_server_binary() -> str:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from relay.config import SuppressionConfig
-from relay.errors import StoreUnavailable
+from relay.errors import RelayError, StoreUnavailable
 from relay.mail.address import normalize_address
 from relay.model import Route
 from relay.store.client import RedisClient, unavailable
@@ -122,7 +122,7 @@ class _Default:
 DEFAULT = _Default()
 
 
-class ProtectedEntry(Exception):
+class ProtectedEntry(RelayError):
     """A complaint entry may only be removed with ``force``; the removal is logged."""
 
 

@@ -30,7 +30,7 @@ from aiohttp import web
 from conftest import Sink
 from helpers import message, smtp_send
 
-from relay.http.dashboard import SESSION_COOKIE
+from relay.http.session import SESSION_COOKIE
 from relay.runtime.app import Relay
 from relay.store.client import connect
 from relay.suppression.report import DailyCounters

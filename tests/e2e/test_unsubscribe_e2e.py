@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -242,6 +243,63 @@ async def test_healthz_and_metrics(relay: Relay) -> None:
         async with http.get(f"{base}/metrics") as resp:
             assert resp.status == 200
             assert "oneclick_messages_total" in await resp.text()
+
+
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        (None, 401),
+        ("Bearer wrong-token-0123456789abcdef", 401),
+        (f"Bearer {METRICS_TOKEN}x", 401),
+        (f"Basic {METRICS_TOKEN}", 401),
+        ("Bearer ", 401),
+        (f"Bearer {METRICS_TOKEN}", 200),
+        (f"bearer {METRICS_TOKEN}", 200),
+    ],
+)
+async def test_metrics_bearer_token(
+    make_relay: Any,
+    config_dict: dict[str, Any],
+    tmp_path: Path,
+    authorization: str | None,
+    status: int,
+) -> None:
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text(METRICS_TOKEN + "\n")
+    config_dict["http"]["metrics_token_file"] = str(token_file)
+    relay = await make_relay(config_dict)
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{relay.http_port}/metrics", headers=headers) as resp,
+    ):
+        text = await resp.text()
+        assert resp.status == status
+        if status == 401:
+            assert text == "missing or wrong bearer token\n"
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
+            assert "oneclick_" not in text
+        else:
+            assert "oneclick_messages_total" in text
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{relay.http_port}/healthz") as resp,
+    ):
+        assert resp.status == 200  # health checks stay open
+
+
+def test_metrics_token_too_short(config_dict: dict[str, Any], tmp_path: Path) -> None:
+    from relay.errors import ConfigError
+
+    short = tmp_path / "short.token"
+    short.write_text("abc\n")
+    config_dict["http"]["metrics_token_file"] = str(short)
+    with pytest.raises(ConfigError) as raised:
+        build_config(config_dict)
+    assert raised.value.key == "http.metrics_token_file"
 
 
 @pytest.mark.parametrize("trusted", [True, False])

@@ -7,12 +7,12 @@ provider's retry is processed. Entries carry ``source=esp:<provider>``.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.errors import StoreUnavailable
+from relay.eventlog import EventLog
 from relay.feedback.esp.events import EspEvent
 from relay.feedback.record import Attribution, Feedback
 from relay.mail.address import normalize_address
@@ -23,7 +23,7 @@ from relay.suppression.report import DailyCounters
 from relay.suppression.store import GLOBAL, SuppressionStore, group_scope
 from relay.suppression.unsubscribe import Unsubscriber
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 SEEN_DAYS = 35
 """Longer than any provider retries a webhook (SendGrid 3 days, SNS up to 23 days)."""
@@ -74,8 +74,9 @@ class EspIntake:
                     await self._ledger.forget(namespace, event.event_id)
                 except StoreUnavailable:
                     log.warning(
-                        "esp event id=%s not forgotten; a retry counts as duplicate",
-                        event.event_id[:80],
+                        "esp event not forgotten",
+                        id=event.event_id[:80],
+                        effect="a retry counts as duplicate",
                     )
                 raise
             outcomes[outcome] += 1
@@ -117,12 +118,12 @@ class EspIntake:
             if new:
                 self._counters.add("unsubscribe", group)
         log.info(
-            "esp event provider=%s id=%s meaning=%s rcpt=%s group=%s status=%s",
-            event.provider,
-            event.event_id[:80],
-            event.meaning,
-            recipient,
-            group or "-",
-            event.status or "-",
+            "esp event",
+            provider=event.provider,
+            id=event.event_id[:80],
+            meaning=event.meaning,
+            rcpt=recipient,
+            group=group or "-",
+            status=event.status or "-",
         )
         return "processed"
