@@ -340,9 +340,12 @@ async def _events_tail(stores: parts.Stores, from_start: bool, count: int) -> in
     redis, key = stores.redis, stores.store.events_key
     last = "0-0" if from_start else "$"
     seen = 0
+    # Block for less than the socket timeout (redis.timeout), or every wait is an error.
+    block_ms = max(50, int(config.redis.timeout * 500))
     while True:
         try:
-            reply = await redis.xread({key: last}, block=5000, count=100)
+            with redis_client.unavailable("events tail"):
+                reply = await redis.xread({key: last}, block=block_ms, count=100)
         except asyncio.CancelledError:
             return 0
         for _, messages in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply):
