@@ -168,8 +168,9 @@ async def test_two_relays_on_one_data_dir_is_refused(
         result = cli("serve", "-c", str(other))
         assert result.returncode == 2, result.stderr
         assert (
-            f"config error: redis.url: not set, and no embedded Redis: {data / 'redis.sock'}"
-            f" already answers: another relay uses {data} (one embedded server per folder)"
+            f"config error: redis.data_dir: the embedded Redis did not start:"
+            f" {data / 'redis.sock'} already answers: another relay uses {data}"
+            " (one embedded server per folder)"
         ) in result.stderr
         assert len(server_pids(data)) == 1
     finally:
