@@ -132,7 +132,7 @@ async def run_store_command(args: argparse.Namespace, config: Config) -> int:
         if args.command == "queue":
             return await _queue_list(stores.retry)
         if args.command == "events":
-            return await _events_tail(stores, args.from_start, args.count)
+            return await _events_tail(stores, args.from_start, args.count, config.redis.timeout)
         if args.command == "report":
             return await _report(stores.counters, args.days, args.group, args.json)
         if args.command == "inbound":
@@ -335,17 +335,16 @@ async def _pattern(args: argparse.Namespace, store: SuppressionStore) -> int:
     return 0 if gone else 1
 
 
-async def _events_tail(stores: parts.Stores, from_start: bool, count: int) -> int:
+async def _events_tail(stores: parts.Stores, from_start: bool, count: int, timeout: float) -> int:
     """Print stream entries as they arrive (``XREAD BLOCK``), one line each."""
     redis, key = stores.redis, stores.store.events_key
     last = "0-0" if from_start else "$"
     seen = 0
     # Block for less than the socket timeout (redis.timeout), or every wait is an error.
-    block_ms = max(50, int(config.redis.timeout * 500))
+    block_ms = max(50, int(timeout * 500))
     while True:
         try:
-            with redis_client.unavailable("events tail"):
-                reply = await redis.xread({key: last}, block=block_ms, count=100)
+            reply = await redis.xread({key: last}, block=block_ms, count=100)
         except asyncio.CancelledError:
             return 0
         for _, messages in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply):
