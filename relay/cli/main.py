@@ -12,7 +12,6 @@ from typing import TypeVar
 
 from relay import __version__
 from relay.config import load_config
-from relay.config.audit import store_notice
 from relay.config.loader import require_store
 from relay.errors import ConfigError, StoreUnavailable
 from relay.runtime import logs
@@ -184,9 +183,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         require_store(config, "serve")
         logs.setup(config.log.format, "debug" if args.verbose else config.log.level)
         refusals, warnings = audit(config, insecure_permissions=args.insecure_permissions)
-        notice = store_notice(config)
-        if notice:
-            log.warning("%s", notice)
         for finding in warnings:
             log.warning("config warning: %s", finding)
         for finding in refusals:

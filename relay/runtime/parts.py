@@ -159,11 +159,7 @@ async def embedded_redis(data_dir: Path | None = None) -> AsyncIterator[Embedded
         with contextlib.suppress(Exception):  # the thread goes on: stop what it starts
             await asyncio.to_thread((await starting).stop)
         raise
-    log.warning(
-        "embedded redis started url=%s persistent=%s: single host only",
-        server.url,
-        "no (demo)" if data_dir is None else data_dir,
-    )
+    (log.info if data_dir is None else log.warning)("embedded redis started: %s", server.describe())
     try:
         yield server
     finally:

@@ -147,6 +147,7 @@ def run_workers(config: Config) -> int:
             try:
                 embedded = EmbeddedRedis(data_dir=config.redis.data_dir)
                 embedded.start()
+                log.warning("embedded redis started: %s", embedded.describe())
             except EmbeddedRedisError as exc:
                 raise start_error(config.redis.data_dir, exc) from None
             config = replace(config, redis=replace(config.redis, url=embedded.url))

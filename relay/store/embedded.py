@@ -83,6 +83,15 @@ class EmbeddedRedis:
             return socket_url(self.data_dir)
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def describe(self) -> str:
+        """What the start log line says: loudly, which store this is."""
+        if self.data_dir is not None:
+            return (
+                f"EMBEDDED store at {self.url}, append-only file in {self.data_dir};"
+                " single host only: every relay host needs the same Redis (a redis:// URL)"
+            )
+        return f"throwaway store at {self.url}: nothing survives a restart (demo)"
+
     @property
     def _folder(self) -> Path:
         if self.data_dir is not None:

@@ -104,9 +104,9 @@ async def test_embedded_store_keeps_a_suppression_across_a_restart(
     first = await serve(path, smtp, tmp_path / "first.log")
     try:
         assert (
-            f"redis: EMBEDDED server, persisting to an append-only file in {data};"
-            " single host only" in first.output()
-        )
+            f"WARNING relay.runtime.parts[{first.proc.pid}] embedded redis started: EMBEDDED"
+            f" store at unix://{data}/redis.sock, append-only file in {data}; single host only"
+        ) in first.output()
         code, text = await smtp_send(smtp, "news@example.com", [ALICE], message(to=ALICE))
         assert code == 250, text
         token = unsubscribe_token(sink.handler.messages[-1].data)
