@@ -7,6 +7,7 @@ import contextlib
 import copy
 import http.client
 import os
+import re
 import threading
 import time
 import warnings
@@ -68,6 +69,26 @@ def message(
         f"Message-ID: <{os.urandom(6).hex()}@example.com>\r\n{extra}"
         f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}"
     ).encode()
+
+
+_ONE_CLICK_URI = re.compile(r"<https?://[^<>\s]*/u/([A-Za-z0-9._~-]+)>")
+
+
+def unsubscribe_token(data: bytes) -> str:
+    """The token of the https URI in the message's one List-Unsubscribe header.
+
+    Read from that header only (unfolded): a search over the whole message could
+    match "/u/" inside a DKIM ``b=`` value and run on to the next ">".
+    """
+    head = data.split(b"\r\n\r\n", 1)[0].decode("ascii", errors="replace")
+    unfolded = re.sub(r"\r\n[ \t]+", " ", head).split("\r\n")
+    values = [
+        line.split(":", 1)[1] for line in unfolded if line.lower().startswith("list-unsubscribe:")
+    ]
+    assert len(values) == 1, f"expected one List-Unsubscribe header: {head[:400]}"
+    m = _ONE_CLICK_URI.search(values[0])
+    assert m, values[0]
+    return m.group(1)
 
 
 def write_yaml(path: Path, raw: dict[str, Any]) -> Path:

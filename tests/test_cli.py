@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import re
+import shlex
 import stat
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +198,236 @@ def test_bad_config_exits_2(config_dict: dict[str, Any], tmp_path: Path) -> None
     result = run("suppress", "-c", str(path), "list")
     assert result.returncode == 2
     assert "redis.url" in result.stderr
+
+
+def entry_times(line: str) -> tuple[datetime, datetime | None]:
+    """(created, expires) of one ``suppress show`` line."""
+    fields = dict(f.split("=", 1) for f in line.split("\t") if "=" in f)
+
+    def when(text: str) -> datetime | None:
+        return None if text == "never" else datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+
+    created = when(fields["created"])
+    assert created is not None
+    return created, when(fields["expires"])
+
+
+def test_suppress_add_bounce_takes_the_configured_expiry(
+    config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    config_dict["suppression"] = {"hard_bounce_days": 90, "soft_bounce_days": [3, 9]}
+    cfg = str(write_yaml(tmp_path / "relay.yaml", config_dict))
+
+    hard = run("suppress", "add", "hard@example.net", "--reason", "hard-bounce", "-c", cfg)
+    assert hard.returncode == 0, hard.stderr
+    assert hard.stdout.startswith("added: hard@example.net global\nhard@example.net\tglobal\t")
+    created, expires = entry_times(hard.stdout.splitlines()[1])
+    assert expires == created + timedelta(days=90)
+
+    for days in (3, 9, 9):  # graduated, the last step repeats
+        soft = run("suppress", "add", "soft@example.net", "--reason", "soft-bounce", "-c", cfg)
+        assert soft.returncode == 0, soft.stderr
+        created, expires = entry_times(soft.stdout.splitlines()[1])
+        assert expires == created + timedelta(days=days)
+
+    manual = run("suppress", "add", "manual@example.net", "-c", cfg)  # manual_days unset
+    assert entry_times(manual.stdout.splitlines()[1])[1] is None
+    given = run("suppress", "add", "x@example.net", "--reason", "hard-bounce",
+                "--expires-days", "2", "-c", cfg)  # fmt: skip
+    created, expires = entry_times(given.stdout.splitlines()[1])
+    assert expires == created + timedelta(days=2)
+
+
+@pytest.mark.parametrize("flags", [["--group", "newsletter"], ["--expires-days", "4"]])
+def test_suppress_add_soft_bounce_is_global_and_graduated(
+    config_file: Path, flags: list[str]
+) -> None:
+    result = run("suppress", "add", "a@example.net", "--reason", "soft-bounce", *flags,
+                 "-c", str(config_file))  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: soft bounces are global, with the graduated expiry of"
+        " suppression.soft_bounce_days: drop --group/--sender/--expires-days\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-c", "{cfg}", "suppress", "show", "a@example.net"],
+        ["suppress", "-c", "{cfg}", "show", "a@example.net"],
+        ["suppress", "show", "-c", "{cfg}", "a@example.net"],
+        ["suppress", "show", "a@example.net", "-c", "{cfg}"],
+        ["--config", "{cfg}", "suppress", "show", "a@example.net"],
+        ["suppress", "show", "a@example.net", "--config", "{cfg}"],
+    ],
+)
+def test_config_flag_before_or_after_the_command(config_file: Path, argv: list[str]) -> None:
+    assert run("suppress", "add", "a@example.net", "-c", str(config_file)).returncode == 0
+    result = run(*(arg.format(cfg=config_file) for arg in argv))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("a@example.net\tglobal\tmanual\t")
+
+
+@pytest.mark.parametrize(
+    "command", [["check-config"], ["report", "--days", "1"], ["queue", "list"]]
+)
+def test_config_flag_on_either_side_of_other_commands(
+    config_file: Path, command: list[str]
+) -> None:
+    before = run("-c", str(config_file), *command)
+    after = run(*command, "-c", str(config_file))
+    assert (before.returncode, after.returncode) == (0, 0), before.stderr + after.stderr
+    assert before.stdout == after.stdout
+
+
+def readme_commands() -> list[str]:
+    """Every ``oneclick-relay <command> ...`` the README and the deployment guide show."""
+    from relay.cli.main import _parser
+
+    commands = set(_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    found = []
+    for doc in (ROOT / "README.md", ROOT / "docs" / "deployment.md"):
+        for m in re.finditer(r"oneclick-relay((?: [^\s`#|&;()]+)+)", doc.read_text()):
+            words = m.group(1).split()
+            first = next((w for i, w in enumerate(words) if not w.startswith("-")
+                          and (i == 0 or words[i - 1] not in ("-c", "--config"))), "")  # fmt: skip
+            if first in commands and len(words) > 1:  # not a mention of the command's name
+                found.append("oneclick-relay" + m.group(1))
+    return found
+
+
+def test_every_documented_command_parses_as_written() -> None:
+    from relay.cli.main import _parser
+
+    commands = readme_commands()
+    assert len(commands) >= 25, commands
+    for command in commands:
+        argv = shlex.split(command.replace("${recipient}", "a@example.net").replace("…", "x"))
+        try:
+            _parser().parse_args(argv[1:])
+        except SystemExit as exc:
+            raise AssertionError(f"documented command refused: {command}") from exc
+
+
+def readme_block(after: str) -> list[str]:
+    """The lines of the first ```sh block after the line ``after`` in the README."""
+    text = (ROOT / "README.md").read_text().split(after, 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("oneclick-relay ")]
+
+
+def test_suppression_examples_run_as_written(config_file: Path, tmp_path: Path) -> None:
+    """The README's suppress block, word for word, config from ONECLICK_RELAY_CONFIG."""
+    (tmp_path / "customers.csv").write_text("address,name\ncarol@example.com,Carol\n")
+    env = {**os.environ, "ONECLICK_RELAY_CONFIG": str(config_file)}
+    lines = readme_block("(`suppress pattern add`), and are checked in the same single")
+    assert len(lines) >= 10, lines
+
+    def run_here(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    for line in lines:
+        argv = shlex.split(line, comments=True)[1:]
+        if argv[:2] != ["events", "tail"]:
+            result = run_here(argv)
+            assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
+            continue
+        # It follows the stream forever: stop after the change made meanwhile.
+        with subprocess.Popen(
+            [sys.executable, "-m", "relay", *argv, "--count=1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as tail:
+            time.sleep(1.5)  # let it reach XREAD on "$" (only newer events)
+            assert run_here(["suppress", "add", "dave@example.com"]).returncode == 0
+            out, err = tail.communicate(timeout=30)
+        assert tail.returncode == 0, err
+        assert "address=dave@example.com" in out, out
+    assert (tmp_path / "oct.csv").read_text().startswith("address,")
+
+
+# ---------------------------------------------------------------------------
+# progress on a terminal, quiet when piped
+
+
+def run_on_terminal(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """Run with stderr on a pseudo-terminal; (exit status, stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "ONECLICK_RELAY_CONFIG"}
+    env |= {"TERM": "xterm-256color", "COLUMNS": "120"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "relay", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    ) as proc:
+        os.close(slave)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        stdout = proc.stdout.read() if proc.stdout else ""
+        code = proc.wait(timeout=60)
+    os.close(master)
+    return code, stdout, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+
+
+def test_import_shows_progress_on_a_terminal_only(config_file: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"user{i}@example.net\n" for i in range(5000)))
+    code, stdout, screen = run_on_terminal(
+        "suppress", "import", str(big), "-c", str(config_file), cwd=tmp_path
+    )
+    assert code == 0, screen
+    assert stdout == "added: 5000, duplicates: 0, invalid: 0\n"
+    assert "lines imported" in screen and "5000/5000" in screen, screen
+    assert re.search(r"[\d,]+/s", screen), screen  # the rate
+    assert "ETA" in screen and "0:00:00" in screen, screen
+
+    again = run("suppress", "import", str(big), "-c", str(config_file))  # piped: quiet
+    assert again.returncode == 0
+    assert again.stdout == "added: 0, duplicates: 5000, invalid: 0\n"
+    assert again.stderr == ""
+
+
+def test_export_to_a_file_shows_progress_on_a_terminal_only(
+    config_file: Path, tmp_path: Path
+) -> None:
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"user{i}@example.net\n" for i in range(3000)))
+    assert run("suppress", "import", str(listed), "-c", str(config_file)).returncode == 0
+    out = tmp_path / "out.csv"
+    code, stdout, screen = run_on_terminal(
+        "suppress", "export", "--out", str(out), "-c", str(config_file), cwd=tmp_path
+    )
+    assert code == 0, screen
+    assert stdout == ""
+    assert len(out.read_text().splitlines()) == 3001
+    assert "exported" in screen and "3,001" in screen, screen
+    assert re.search(r"[\d,]+/s", screen), screen
+    piped = run("suppress", "export", "-c", str(config_file))
+    assert piped.returncode == 0
+    assert piped.stderr == ""
+    assert len(piped.stdout.splitlines()) == 3001
 
 
 # ---------------------------------------------------------------------------

@@ -245,13 +245,65 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert err.value.key == "-c/--config"
 
 
-def test_yaml_syntax_error_is_key_file(tmp_path: Path) -> None:
+def test_yaml_syntax_error_says_what_and_where(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("smtp:\n  listen: [unclosed\nhttp: {\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert err.value.key == "(file)"
-    assert "line" in err.value.problem
+    assert err.value.key == str(path)
+    assert err.value.problem == (
+        "line 3, column 5: expected ',' or ']', but got ':' (while parsing a flow sequence)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [
+        ("smtp:\n  listen: a: b\n", "line 2, column 12", "mapping values are not allowed here"),
+        (
+            "smtp:\n\tlisten: x\n",
+            "line 2, column 1",
+            "found character '\\t' that cannot start any token",
+        ),
+        ("http: {public_url: x\n", "line 2, column 1", "expected ',' or '}'"),
+    ],
+)
+def test_yaml_errors_carry_pyyaml_problem_line_and_column(
+    tmp_path: Path, text: str, where: str, problem: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problem.startswith(f"{where}: {problem}"), err.value.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ('smtp:\n  listen: "1.2.3.4:1"\n  timeout: 3\n  listen: "1.2.3.4:2"\n', "smtp.listen", 4),
+        ("http: {}\nhttp: {}\n", "http", 2),
+        ("policy:\n  senders:\n    - match: a@b\n      class: marketing\n      match: c@d\n",
+         "policy.senders[0].match", 5),
+        ('bounces:\n  classify:\n    "5.7": soft\n    "5.7": hard\n', "bounces.classify.5.7", 4),
+    ],
+)  # fmt: skip
+def test_duplicate_key_is_an_error_naming_it(
+    tmp_path: Path, text: str, key: str, line: int
+) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == key
+    assert err.value.problem.startswith(f"duplicate key ({path}: line {line}, column ")
+    assert err.value.problem.endswith("YAML would keep only the last one")
+
+
+def test_same_key_in_two_mappings_is_no_duplicate(keys: Keys, tmp_path: Path) -> None:
+    raw = base_config(keys)
+    path = write_yaml(tmp_path / "relay.yaml", raw)  # listen: under smtp and under http
+    assert load_config(path).http.listen == HostPort("::1", 8080)
 
 
 # ---------------------------------------------------------------------------
@@ -624,7 +676,8 @@ def test_check_config_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
     path.write_text("http: {public_url: [\n")
     result = run_cli("check-config", "-c", str(path))
     assert result.returncode == 2
-    assert "(file)" in result.stderr
+    assert result.stderr.startswith(f"config error: {path}: line 2, column 1: ")
+    assert "Traceback" not in result.stderr
 
 
 def test_check_config_unloadable_dkim_key_exits_2(keys: Keys, tmp_path: Path) -> None:

@@ -55,9 +55,26 @@ def test_every_commented_key_is_known(keys: Keys, tmp_path: Path) -> None:
     raw = yaml.safe_load(text)
     raw["redis"].pop("sentinel")  # the example shows both; they are alternatives
     raw["redis"].pop("cluster")
+    data_dir = raw["redis"].pop("data_dir")  # only with url "embedded", below
+    assert data_dir == "/var/lib/oneclick-relay/redis"
     config = parse_config(raw, source=tmp_path / "c.yaml")
     assert config.smtp.tls is not None
     assert config.bounces.tls is not None
     assert config.events.webhook is not None
     assert config.http.metrics_token is not None
     assert len(config.dkim.keys) == 2
+
+
+def test_example_embedded_store(keys: Keys, tmp_path: Path) -> None:
+    """The documented single-host alternative: url "embedded" with a data_dir."""
+    text = EXAMPLE.read_text()
+    text = text.replace("/etc/oneclick-relay/token-k1.key", str(keys.token_k1))
+    text = text.replace("/etc/oneclick-relay/dkim/example.com.s2026.pem", str(keys.rsa))
+    text = text.replace('url: "redis://127.0.0.1:6379/0"', 'url: "embedded"')
+    text = text.replace('# data_dir: "/var/lib/oneclick-relay/redis"', f'data_dir: "{tmp_path}"')
+    config = parse_config(yaml.safe_load(text), source=tmp_path / "c.yaml")
+    assert (config.redis.embedded, config.redis.url, config.redis.data_dir) == (
+        True,
+        None,
+        tmp_path,
+    )

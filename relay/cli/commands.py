@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import TextIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
+from relay.cli.audit import audit
+from relay.cli.progress import count_lines, meter
 from relay.config import Config
+from relay.config import audit as config_audit
 from relay.errors import StoreUnavailable
 from relay.outbound.retry import RetryQueue
 from relay.runtime import parts
 from relay.store.inbound import InboundLog
 from relay.suppression.report import DailyCounters, DayRow, verdict
 from relay.suppression.store import (
+    DAY,
     GLOBAL,
     ProtectedEntry,
     Suppression,
@@ -33,6 +37,8 @@ from relay.suppression.store import (
     parse_scope,
 )
 from relay.suppression.transfer import ExportFilter, export_csv, import_lines, scan_stats, stats
+
+EXIT_CONFIG = 2
 
 
 def redact_url(url: str) -> str:
@@ -45,11 +51,14 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
-def check_config(config: Config) -> int:
-    from relay.mail.dkim import Signer
+def check_config(config: Config, *, insecure_permissions: bool = False) -> int:
     from relay.outbound.policy import Policy
 
-    signer = Signer.from_config(config.dkim)
+    refusals, warnings = audit(config, insecure_permissions=insecure_permissions)
+    if refusals:
+        for finding in refusals:
+            print(f"config error: {finding}", file=sys.stderr)
+        return EXIT_CONFIG
     policy = Policy(config.policy)
     smtp, up, http = config.smtp, config.upstream, config.http
     print(f"config OK: {config.source}")
@@ -59,7 +68,14 @@ def check_config(config: Config) -> int:
         print("  smtp     no listener (milter only)")
     print(f"  upstream {up.host}:{up.port} tls={up.tls} connections={up.connections}")
     print(f"  http     listen {http.listen}, links {http.public_url}/u/<token>")
-    print(f"  redis    {redact_url(config.redis.url) if config.redis.url else 'embedded'}")
+    if config.redis.embedded:
+        print(f"  redis    EMBEDDED, append-only file in {config.redis.data_dir} (single host)")
+    elif config.redis.url:
+        print(f"  redis    {redact_url(config.redis.url)}")
+    elif config.redis.sentinel is not None:
+        print(f"  redis    sentinel {config.redis.sentinel.master}")
+    else:
+        print("  redis    EMBEDDED, throwaway (demo only)")
     keys = config.tokens.keys
     print(f"  tokens   issue with {keys[0].id!r}, verify {len(keys)} key(s)")
     for key in config.dkim.keys:
@@ -83,16 +99,11 @@ def check_config(config: Config) -> int:
     print("routes (first match wins):")
     for line in policy.describe():
         print(f"  {line}")
-    for rule in config.policy.senders:
-        domain = rule.match.rpartition("@")[2]
-        if rule.message_class != "marketing" or any(ch in domain for ch in "*?["):
-            continue
-        if not signer.keys_for(domain):
-            print(
-                f"WARNING: marketing sender {rule.match!r} has no DKIM key for {domain}:"
-                " mailbox providers will not offer one-click unsubscribe",
-                file=sys.stderr,
-            )
+    notice = config_audit.store_notice(config)
+    if notice:
+        print(f"WARNING: {notice}", file=sys.stderr)
+    for finding in warnings:
+        print(f"WARNING: {finding}", file=sys.stderr)
     return 0
 
 
@@ -157,7 +168,7 @@ async def run_store_command(args: argparse.Namespace, config: Config) -> int:
         if args.command == "queue":
             return await _queue_list(stores.retry)
         if args.command == "events":
-            return await _events_tail(stores, args.from_start, args.count)
+            return await _events_tail(stores, args.from_start, args.count, config.redis.timeout)
         if args.command == "report":
             return await _report(stores.counters, args.days, args.group, args.json)
         if args.command == "inbound":
@@ -210,11 +221,7 @@ async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:
     action: str = args.action
     now = time.time()
     if action == "add":
-        scope = parse_scope(args.group, args.sender)
-        ttl = args.expires_days * 86400 if args.expires_days else None
-        new = await store.add(args.address, scope, args.reason, source="cli", ttl=ttl)
-        print(f"{'added' if new else 'already present'}: {args.address} {describe_scope(scope)}")
-        return 0
+        return await _add(args, store, now)
     if action == "remove":
         try:
             removed = await store.remove(
@@ -244,9 +251,11 @@ async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:
         return await _import(args, store)
     if action == "export":
         filters = ExportFilter(args.group, args.sender, args.reason, args.since, args.until)
-        with _output(args.out) as out:
+        # Progress only when the CSV goes to a file: on a terminal the rows are the progress.
+        with _output(args.out) as out, meter("exported", None, quiet=args.out is None) as m:
             async for chunk in export_csv(store, filters):
                 out.write(chunk)
+                m.advance(chunk.count("\n"))
         return 0
     if action == "stats":
         if args.reconcile:
@@ -269,6 +278,31 @@ async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:
     return await _pattern(args, store)
 
 
+async def _add(args: argparse.Namespace, store: SuppressionStore, now: float) -> int:
+    """One entry; without ``--expires-days`` the reason's expiry from ``suppression:``."""
+    scope = parse_scope(args.group, args.sender)
+    if args.reason == "soft-bounce" and (scope != GLOBAL or args.expires_days is not None):
+        print(
+            "error: soft bounces are global, with the graduated expiry of"
+            " suppression.soft_bounce_days: drop --group/--sender/--expires-days",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if args.expires_days is not None and args.expires_days <= 0:
+        print("error: --expires-days must be a positive number of days", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.expires_days is None:
+        new = await store.add(args.address, scope, args.reason, source="cli")
+    else:
+        ttl = args.expires_days * DAY
+        new = await store.add(args.address, scope, args.reason, source="cli", ttl=ttl)
+    print(f"{'added' if new else 'already present'}: {args.address} {describe_scope(scope)}")
+    for e in await store.entries(args.address):
+        if e.scope == scope and e.reason == args.reason:
+            print(entry_line(e, now))
+    return 0
+
+
 async def _list(args: argparse.Namespace, store: SuppressionStore, now: float) -> int:
     filters = ExportFilter(args.group, args.sender, args.reason, live_only=not args.all)
     count = 0
@@ -283,16 +317,29 @@ async def _list(args: argparse.Namespace, store: SuppressionStore, now: float) -
 
 async def _import(args: argparse.Namespace, store: SuppressionStore) -> int:
     scope = _scope_or_none(args) or GLOBAL
+    what = "checked" if args.dry_run else "imported"
     if str(args.file) == "-":
         lines: TextIO = sys.stdin
-        report = await import_lines(
-            store, lines, scope=scope, reason=args.reason, source="import", dry_run=args.dry_run
-        )
+        with meter(f"lines {what}", None) as m:
+            report = await import_lines(
+                store,
+                m.lines(lines),
+                scope=scope,
+                reason=args.reason,
+                source="import",
+                dry_run=args.dry_run,
+            )
     else:
         try:
-            with args.file.open(encoding="utf-8-sig") as f:
+            total = count_lines(args.file) if sys.stderr.isatty() else None
+            with args.file.open(encoding="utf-8-sig") as f, meter(f"lines {what}", total) as m:
                 report = await import_lines(
-                    store, f, scope=scope, reason=args.reason, source="import", dry_run=args.dry_run
+                    store,
+                    m.lines(f),
+                    scope=scope,
+                    reason=args.reason,
+                    source="import",
+                    dry_run=args.dry_run,
                 )
         except (OSError, UnicodeDecodeError) as exc:
             print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
@@ -324,14 +371,16 @@ async def _pattern(args: argparse.Namespace, store: SuppressionStore) -> int:
     return 0 if gone else 1
 
 
-async def _events_tail(stores: parts.Stores, from_start: bool, count: int) -> int:
+async def _events_tail(stores: parts.Stores, from_start: bool, count: int, timeout: float) -> int:
     """Print stream entries as they arrive (``XREAD BLOCK``), one line each."""
     redis, key = stores.redis, stores.store.events_key
     last = "0-0" if from_start else "$"
     seen = 0
+    # Block for less than the socket timeout (redis.timeout), or every wait is an error.
+    block_ms = max(50, int(timeout * 500))
     while True:
         try:
-            reply = await redis.xread({key: last}, block=5000, count=100)
+            reply = await redis.xread({key: last}, block=block_ms, count=100)
         except asyncio.CancelledError:
             return 0
         for _, messages in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply):

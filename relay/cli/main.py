@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from datetime import date
@@ -11,6 +12,7 @@ from typing import TypeVar
 
 from relay import __version__
 from relay.config import load_config
+from relay.config.loader import require_store
 from relay.errors import ConfigError, StoreUnavailable
 from relay.runtime import logs
 from relay.runtime.lifecycle import StartError
@@ -18,6 +20,7 @@ from relay.runtime.loop import run_async
 from relay.suppression.store import MANUAL_REASONS
 
 T = TypeVar("T")
+log = logging.getLogger("relay.cli")
 EXIT_CONFIG = 2
 
 
@@ -32,16 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"oneclick-relay {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    config_help = "YAML file (default: $ONECLICK_RELAY_CONFIG); before or after the command"
+    p.add_argument("-c", "--config", type=Path, default=None, help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument(
-            "-c", "--config", type=Path, help="YAML file (default: $ONECLICK_RELAY_CONFIG)"
-        )
+        # SUPPRESS: when given only before the command, the sub-parser keeps that value.
+        sp.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help=config_help)
         return sp
 
-    with_config(sub.add_parser("serve", help="run the relay (SMTP and HTTP)"))
-    with_config(sub.add_parser("check-config", help="validate the config and print the routes"))
+    insecure_help = "start even if key or secret files are readable by others (not advised)"
+    for name, text in (
+        ("serve", "run the relay (SMTP and HTTP)"),
+        ("check-config", "validate the config, print the routes and every warning"),
+    ):
+        sp = with_config(sub.add_parser(name, help=text))
+        sp.add_argument("--insecure-permissions", action="store_true", help=insecure_help)
 
     demo = sub.add_parser("demo", help="run a self-contained demonstration")
     demo.add_argument("--keep-running", action="store_true", help="stay up after the demo")
@@ -55,42 +64,54 @@ def _parser() -> argparse.ArgumentParser:
         scope.add_argument("--group", help="one marketing group (default: global)")
         scope.add_argument("--sender", help="one From address")
 
-    add = sup_sub.add_parser("add", help="suppress an address")
+    add = with_config(sup_sub.add_parser("add", help="suppress an address"))
     add.add_argument("address")
     scope_flags(add)
-    add.add_argument("--reason", default="manual", choices=list(MANUAL_REASONS))
-    add.add_argument("--expires-days", type=float, help="expire after N days")
-    remove = sup_sub.add_parser("remove", help="re-subscribe: delete entries (audited)")
+    add.add_argument("--reason", default="manual", choices=[*MANUAL_REASONS, "soft-bounce"])
+    add.add_argument(
+        "--expires-days",
+        type=float,
+        help="expire after N days (default: the reason's expiry from suppression:)",
+    )
+    remove = with_config(
+        sup_sub.add_parser("remove", help="re-subscribe: delete entries (audited)")
+    )
     remove.add_argument("address")
     scope_flags(remove)
     remove.add_argument("--reason")
     remove.add_argument("--force", action="store_true", help="also remove complaint entries")
-    show = sup_sub.add_parser("show", help="every entry for one address, and why")
+    show = with_config(sup_sub.add_parser("show", help="every entry for one address, and why"))
     show.add_argument("address")
-    lst = sup_sub.add_parser("list", help="entries, streamed")
+    lst = with_config(sup_sub.add_parser("list", help="entries, streamed"))
     scope_flags(lst)
     lst.add_argument("--reason")
     lst.add_argument("--all", action="store_true", help="include expired entries")
     lst.add_argument("--limit", type=int, default=0)
-    imp = sup_sub.add_parser("import", help="CSV with an 'address' column, or one per line")
+    imp = with_config(
+        sup_sub.add_parser("import", help="CSV with an 'address' column, or one per line")
+    )
     imp.add_argument("file", type=Path, help="file to read ('-' for stdin)")
     scope_flags(imp)
     imp.add_argument("--reason", default="manual", choices=list(MANUAL_REASONS))
     imp.add_argument("--dry-run", action="store_true")
-    exp = sup_sub.add_parser("export", help="CSV of live entries, streamed")
+    exp = with_config(sup_sub.add_parser("export", help="CSV of live entries, streamed"))
     scope_flags(exp)
     exp.add_argument("--reason")
     exp.add_argument("--since", type=date.fromisoformat, help="created on or after YYYY-MM-DD")
     exp.add_argument("--until", type=date.fromisoformat, help="created on or before YYYY-MM-DD")
     exp.add_argument("--out", type=Path, help="file (default: stdout)")
-    st = sup_sub.add_parser("stats", help="counts per scope and reason, unsubscribes per day")
+    st = with_config(
+        sup_sub.add_parser("stats", help="counts per scope and reason, unsubscribes per day")
+    )
     st.add_argument("--scan", action="store_true", help="count with a full scan (slow at millions)")
     st.add_argument(
         "--reconcile",
         action="store_true",
         help="recount with a full scan and correct the kept counts (run e.g. daily)",
     )
-    pat = sup_sub.add_parser("pattern", help="domain or address-glob patterns never mailed")
+    pat = with_config(
+        sup_sub.add_parser("pattern", help="domain or address-glob patterns never mailed")
+    )
     pat.add_argument("pattern_action", choices=["add", "remove", "list"])
     pat.add_argument("pattern", nargs="?")
 
@@ -155,15 +176,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "serve":
+        from relay.cli.audit import audit
         from relay.runtime.workers import run_workers
 
         config = load_config(args.config)
+        require_store(config, "serve")
         logs.setup(config.log.format, "debug" if args.verbose else config.log.level)
+        refusals, warnings = audit(config, insecure_permissions=args.insecure_permissions)
+        for finding in warnings:
+            log.warning("config warning: %s", finding)
+        for finding in refusals:
+            print(f"config error: {finding}", file=sys.stderr)
+        if refusals:
+            return EXIT_CONFIG
         return run_workers(config)
     if command == "check-config":
         from relay.cli.commands import check_config
 
-        return check_config(load_config(args.config))
+        config = load_config(args.config)
+        require_store(config, "check-config")
+        return check_config(config, insecure_permissions=args.insecure_permissions)
     if command == "demo":
         from relay.cli.demo import run_demo
 

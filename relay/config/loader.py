@@ -70,7 +70,9 @@ T = TypeVar("T")
 class _Section:
     """A mapping being read; remembers which keys were used to flag the rest."""
 
-    def __init__(self, raw: object, path: str, base: Path) -> None:
+    def __init__(
+        self, raw: object, path: str, base: Path, secrets: list[tuple[str, Path]] | None = None
+    ) -> None:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -79,6 +81,8 @@ class _Section:
         self.path = path
         self.base = base
         self.used: set[str] = set()
+        self.secrets: list[tuple[str, Path]] = [] if secrets is None else secrets
+        """Shared by every section of one file: the key and secret files read."""
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -102,10 +106,10 @@ class _Section:
 
     def section(self, name: str) -> _Section:
         self.used.add(name)
-        return _Section(self.raw.get(name), self.key(name), self.base)
+        return _Section(self.raw.get(name), self.key(name), self.base, self.secrets)
 
     def child(self, raw: object, key: str) -> _Section:
-        return _Section(raw, key, self.base)
+        return _Section(raw, key, self.base, self.secrets)
 
     def file(self, name: str) -> Path:
         """A required, readable file; relative paths are relative to the config file."""
@@ -114,6 +118,12 @@ class _Section:
             raise ConfigError(self.key(name), f"file not found: {path}")
         if not os.access(path, os.R_OK):
             raise ConfigError(self.key(name), f"file not readable: {path}")
+        return path
+
+    def secret_file(self, name: str) -> Path:
+        """``file()`` for keys, secrets and password hashes: noted for the mode check."""
+        path = self.file(name)
+        self.secrets.append((self.key(name), path))
         return path
 
     def items(self, name: str) -> Iterator[tuple[object, str]]:
@@ -212,11 +222,26 @@ def _https_url(value: object, key: str) -> str:
     return text
 
 
+EMBEDDED = "embedded"
+"""``redis.url: embedded``: the relay runs its own server, persisting to ``redis.data_dir``."""
+
+
 def _redis_url(value: object, key: str) -> str:
     text = _str(value, key)
+    if text == EMBEDDED:
+        return text
     if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(key, "expected a redis://, rediss:// or unix:// URL")
+        raise ConfigError(key, 'expected a redis://, rediss:// or unix:// URL, or "embedded"')
     return text
+
+
+def _data_dir(s: _Section) -> Path:
+    path = s.base / s.require("data_dir", _str)
+    if not path.is_dir():
+        raise ConfigError(s.key("data_dir"), f"not a directory: {path} (create it: mkdir -m 700)")
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(s.key("data_dir"), f"not writable: {path}")
+    return path
 
 
 def _domain(value: object, key: str) -> str:
@@ -234,7 +259,7 @@ def _secret_from(section: _Section, name: str, *, required: bool) -> Secret | No
     """Read ``NAME_file`` (a path) or ``NAME_env`` (an environment variable)."""
     file_key, env_key = f"{name}_file", f"{name}_env"
     if section.has(file_key):
-        path = section.file(file_key)
+        path = section.secret_file(file_key)
         section.used.add(env_key)
         value = path.read_bytes().strip()
         if not value:
@@ -294,14 +319,53 @@ def _read_smtp(s: _Section, milter_listen: HostPort | Path | None) -> SmtpConfig
         )
     if cfg.auth_users_file is not None and cfg.tls is None:
         raise ConfigError(s.key("auth"), "needs smtp.tls: passwords are only taken over TLS")
+    if cfg.auth_users_file is None:
+        _check_not_open(cfg.allowed_networks, s.key("allowed_networks"))
     s.done()
     return cfg
+
+
+_EVERY_IPV4 = ipaddress.ip_network("0.0.0.0/0")
+_EVERY_IPV6 = ipaddress.ip_network("2000::/3")
+"""All globally routed IPv6 unicast: a list covering it takes mail from the whole Internet."""
+
+
+def _check_not_open(networks: tuple[Network, ...], key: str) -> None:
+    """Without AUTH, allowed_networks is the only gate: refuse one that admits everybody."""
+    if not networks:
+        raise ConfigError(
+            key,
+            "empty and smtp.auth is not set, so no client could ever send: list the networks"
+            ' of the applications that send through the relay (e.g. ["127.0.0.0/8"]),'
+            " or configure smtp.auth",
+        )
+    problem = (
+        "admits every IPv{} address without smtp.auth: that is an open relay;"
+        " list only your applications' networks, or configure smtp.auth"
+    )
+    for every in (_EVERY_IPV4, _EVERY_IPV6):
+        for index, network in enumerate(networks):
+            if _covers(network, every):
+                raise ConfigError(f"{key}[{index}]", f"{network} {problem.format(every.version)}")
+        same = [n for n in networks if n.version == every.version]
+        if any(_covers(n, every) for n in ipaddress.collapse_addresses(same)):  # type: ignore[type-var]
+            listed = ", ".join(str(n) for n in same if _covers(every, n) or _covers(n, every))
+            raise ConfigError(key, f"together, {listed} {problem.format(every.version)}")
+
+
+def _covers(network: Network, other: Network) -> bool:
+    """``network`` contains all of ``other`` (False across IPv4 and IPv6)."""
+    if isinstance(network, ipaddress.IPv4Network) and isinstance(other, ipaddress.IPv4Network):
+        return network.supernet_of(other)
+    if isinstance(network, ipaddress.IPv6Network) and isinstance(other, ipaddress.IPv6Network):
+        return network.supernet_of(other)
+    return False
 
 
 def _read_smtp_tls(s: _Section) -> SmtpTlsConfig:
     cfg = SmtpTlsConfig(
         cert_file=s.file("cert_file"),
-        key_file=s.file("key_file"),
+        key_file=s.secret_file("key_file"),
         mode=s.get("mode", "starttls", _choice("starttls", "implicit")),
     )
     s.done()
@@ -309,7 +373,7 @@ def _read_smtp_tls(s: _Section) -> SmtpTlsConfig:
 
 
 def _read_smtp_auth(s: _Section) -> Path:
-    path = s.file("users_file")
+    path = s.secret_file("users_file")
     s.done()
     return path
 
@@ -373,10 +437,18 @@ def _read_redis(s: _Section) -> RedisConfig:
         )
         ss.done()
     s.used.add("sentinel")
+    url = s.get("url", None, _redis_url)
+    embedded = url == EMBEDDED
+    if embedded and sentinel is not None:
+        raise ConfigError(s.key("sentinel"), 'use redis.url "embedded" or redis.sentinel, not both')
+    if s.has("data_dir") and not embedded:
+        raise ConfigError(s.key("data_dir"), 'only for redis.url "embedded"')
     cfg = RedisConfig(
         cluster=s.get("cluster", False, _bool),
         sentinel=sentinel,
-        url=s.get("url", None, _redis_url),
+        url=None if embedded else url,
+        embedded=embedded,
+        data_dir=_data_dir(s) if embedded else None,
         key_prefix=s.get("key_prefix", d.key_prefix, _str),
         timeout=s.get("timeout", d.timeout, _seconds),
         on_error=RedisOnError(
@@ -385,6 +457,7 @@ def _read_redis(s: _Section) -> RedisConfig:
         ),
     )
     on_error.done()
+    s.used.add("data_dir")
     s.done()
     if cfg.cluster and cfg.url is None:
         raise ConfigError(s.key("url"), "redis.cluster needs the URL of one cluster node")
@@ -439,7 +512,7 @@ def _read_dkim(top: _Section) -> DkimConfig:
         entry = DkimKeyConfig(
             domain=k.require("domain", _domain),
             selector=k.require("selector", _selector),
-            private_key_file=k.file("private_key_file"),
+            private_key_file=k.secret_file("private_key_file"),
             key=key,
         )
         k.done()
@@ -820,8 +893,22 @@ def _read_esp_webhooks(top: _Section) -> tuple[EspWebhookConfig, ...]:
     return tuple(entries)
 
 
+def require_store(config: Config, command: str) -> None:
+    """``serve`` and ``check-config`` need a store that outlives the process."""
+    redis = config.redis
+    if redis.url is None and redis.sentinel is None and not redis.embedded:
+        raise ConfigError(
+            "redis.url",
+            f'required for {command}; use "embedded" with redis.data_dir for a single host',
+        )
+
+
 def parse_config(raw: object, source: Path | None = None) -> Config:
-    """Build a Config from already-parsed YAML; relative paths are relative to ``source``."""
+    """Build a Config from already-parsed YAML; relative paths are relative to ``source``.
+
+    ``redis.url`` may be omitted here (the demo's throwaway store); ``require_store``
+    is what ``serve`` and ``check-config`` call.
+    """
     base = source.parent if source is not None else Path.cwd()
     top = _Section(raw, "", base)
     for required in ("http", "tokens"):
@@ -845,6 +932,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         log=_read_log(top.section("log")),
         esp_webhooks=_read_esp_webhooks(top),
         source=source,
+        secret_files=tuple(top.secrets),
     )
     top.done()
     _check_inbound(config)
@@ -863,10 +951,51 @@ def load_config(path: Path | str | None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("-c/--config", f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(parse_yaml(text, path), source=path.resolve())
+
+
+def _check_duplicates(node: yaml.Node | None, source: Path | str) -> None:
+    """A key given twice in one mapping is an error naming it (PyYAML keeps the last)."""
+    stack: list[tuple[yaml.Node, str]] = [(node, "")] if node is not None else []
+    visited: set[int] = set()
+    while stack:
+        current, where = stack.pop()
+        if id(current) in visited:  # anchors and aliases share nodes
+            continue
+        visited.add(id(current))
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(current.value))
+        elif isinstance(current, yaml.MappingNode):
+            seen: dict[tuple[str, str], yaml.Node] = {}
+            for key_node, value_node in current.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                    continue
+                name = str(key_node.value)
+                dotted = f"{where}.{name}" if where else name
+                first = seen.get((key_node.tag, name))
+                if first is not None:
+                    mark = key_node.start_mark
+                    raise ConfigError(
+                        dotted,
+                        f"duplicate key ({source}: line {mark.line + 1}, column"
+                        f" {mark.column + 1}; first at line {first.start_mark.line + 1}):"
+                        " YAML would keep only the last one",
+                    )
+                seen[(key_node.tag, name)] = key_node
+                stack.append((value_node, dotted))
+
+
+def parse_yaml(text: str, path: Path | str = "<config>") -> object:
+    """YAML to Python objects; syntax errors say what and where, duplicate keys are errors."""
     try:
-        raw = yaml.safe_load(text)
+        _check_duplicates(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = exc.problem or exc.context or "not valid YAML"
+        if exc.context and exc.problem:
+            problem = f"{problem} ({exc.context})"
+        raise ConfigError(str(path), f"{where}{problem}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError("(file)", f"not valid YAML{where}") from None
-    return parse_config(raw, source=path.resolve())
+        raise ConfigError(str(path), f"not valid YAML: {exc}") from None

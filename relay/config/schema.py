@@ -145,7 +145,11 @@ class SentinelConfig:
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None = None
-    """None (and no sentinel) means: start an embedded server (demo and trials)."""
+    """None (no sentinel, not ``embedded``): a throwaway embedded server, for the demo only."""
+    embedded: bool = False
+    """``url: embedded``: a server run by the relay, persisting to ``data_dir`` (one host)."""
+    data_dir: Path | None = None
+    """The embedded server's folder: append-only file and its unix socket."""
     cluster: bool = False
     sentinel: SentinelConfig | None = None
     key_prefix: str = "ocr"
@@ -380,3 +384,5 @@ class Config:
     esp_webhooks: tuple[EspWebhookConfig, ...] = ()
     milter: MilterConfig = MilterConfig()
     source: Path | None = None
+    secret_files: tuple[tuple[str, Path], ...] = ()
+    """(dotted key, path) of every key, secret and password file read: their modes are checked."""

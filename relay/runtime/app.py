@@ -239,7 +239,8 @@ class Relay:
 
         url = None
         if parts.needs_embedded(config):
-            url = (await stack.enter_async_context(parts.embedded_redis())).url
+            embedded = parts.embedded_redis(config.redis.data_dir)
+            url = (await stack.enter_async_context(embedded)).url
         stores = await stack.enter_async_context(parts.open_stores(config, url))
         live = self._live = parts.live(config, stores, metrics, signer=signer)
         stack.push_async_callback(self._close_upstreams)

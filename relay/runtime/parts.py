@@ -27,6 +27,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from relay.config import Config, SmtpTlsConfig
@@ -48,7 +49,13 @@ from relay.runtime.lifecycle import background
 from relay.smtp.auth import Users
 from relay.store import client as redis_client
 from relay.store.client import RedisClient
-from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError
+from relay.store.embedded import (
+    SOCKET_NAME,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    socket_url,
+    start_error,
+)
 from relay.store.inbound import InboundLog
 from relay.store.keys import Keys
 from relay.store.ledger import Ledger
@@ -132,8 +139,8 @@ def needs_embedded(config: Config) -> bool:
     return config.redis.url is None and config.redis.sentinel is None
 
 
-def _start_embedded() -> EmbeddedRedis:
-    server = EmbeddedRedis()
+def _start_embedded(data_dir: Path | None) -> EmbeddedRedis:
+    server = EmbeddedRedis(data_dir=data_dir)
     try:
         return server.start()
     except BaseException:
@@ -142,18 +149,22 @@ def _start_embedded() -> EmbeddedRedis:
 
 
 @contextlib.asynccontextmanager
-async def embedded_redis() -> AsyncIterator[EmbeddedRedis]:
-    """A private Redis child process, stopped on exit (also when the start is cancelled)."""
-    starting = asyncio.ensure_future(asyncio.to_thread(_start_embedded))
+async def embedded_redis(data_dir: Path | None = None) -> AsyncIterator[EmbeddedRedis]:
+    """A Redis child process, stopped on exit (also when the start is cancelled).
+
+    Private and throwaway without ``data_dir`` (the demo); ``redis.url: embedded``
+    persists to ``data_dir`` (``relay.store.embedded``).
+    """
+    starting = asyncio.ensure_future(asyncio.to_thread(_start_embedded, data_dir))
     try:
         server = await asyncio.shield(starting)
     except EmbeddedRedisError as exc:
-        raise ConfigError("redis.url", f"not set, and no embedded Redis: {exc}") from None
+        raise start_error(data_dir, exc) from None
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):  # the thread goes on: stop what it starts
             await asyncio.to_thread((await starting).stop)
         raise
-    log.info("embedded redis started url=%s", server.url)
+    (log.info if data_dir is None else log.warning)("embedded redis started: %s", server.describe())
     try:
         yield server
     finally:
@@ -188,10 +199,19 @@ async def command_stores(config: Config) -> AsyncIterator[Stores]:
 
     The error names the operation and where Redis is, for the one line the CLI prints.
     """
-    if needs_embedded(config):
+    url = None
+    if config.redis.embedded and config.redis.data_dir is not None:
+        # The running relay's server, through its socket: the AOF is never opened twice.
+        if not (config.redis.data_dir / SOCKET_NAME).exists():
+            raise StoreUnavailable(
+                f"redis.url is embedded and no relay is running on {config.redis.data_dir}"
+                " (start oneclick-relay serve first)"
+            )
+        url = socket_url(config.redis.data_dir)
+    elif needs_embedded(config):
         raise ConfigError("redis.url", "the CLI needs a shared Redis (the embedded one is private)")
     try:
-        async with open_stores(config) as parts:
+        async with open_stores(config, url) as parts:
             with redis_client.unavailable("redis"):
                 yield parts
     except StoreUnavailable as exc:

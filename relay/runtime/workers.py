@@ -26,7 +26,7 @@ from typing import Protocol
 from relay.config import Config, HostPort
 from relay.errors import ConfigError
 from relay.runtime.lifecycle import StartError, check_port
-from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
+from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError, free_port, start_error
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,11 @@ def run_workers(config: Config) -> int:
             check_port(key, listen)  # a port in use: one line, exit 1, nothing started
         if config.redis.url is None and config.redis.sentinel is None:
             try:
-                embedded = EmbeddedRedis()
+                embedded = EmbeddedRedis(data_dir=config.redis.data_dir)
                 embedded.start()
+                log.warning("embedded redis started: %s", embedded.describe())
             except EmbeddedRedisError as exc:
-                raise ConfigError("redis.url", f"not set, and no embedded Redis: {exc}") from None
+                raise start_error(config.redis.data_dir, exc) from None
             config = replace(config, redis=replace(config.redis, url=embedded.url))
 
         def start() -> tuple[BaseProcess, EventLike]:

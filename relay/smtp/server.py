@@ -7,12 +7,14 @@ ENHANCEDSTATUSCODES are advertised, and lines up to 1 MiB are read so a message
 with bare LF line endings reaches the pipeline to be normalised instead of being
 cut. ``RelayHandler`` builds the immutable ``Envelope`` and runs the pipeline
 shielded from the client's connection: a client that hangs up after the final
-dot does not cancel a delivery that is already under way.
+dot does not cancel a delivery that is already under way, and one that only shuts
+its sending side (``shutdown(SHUT_WR)``) still reads the reply to that dot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import ssl
@@ -80,7 +82,12 @@ class _CrlfReader(asyncio.StreamReader):
     """
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
-        return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
+        try:
+            return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
+        except asyncio.IncompleteReadError:
+            # The client's EOF (see RelaySMTP.eof_received): aiosmtpd ends the session
+            # on a lost connection, the replies already written still go out.
+            raise ConnectionResetError("client closed its side") from None
 
 
 class LimitedConnections:
@@ -165,6 +172,21 @@ class RelaySMTP(LimitedConnections, SMTP):
         self.trusted = False
         """The client is in allowed_networks; others must authenticate before MAIL."""
 
+    def eof_received(self) -> bool | None:
+        """EOF: finish what the client sent before it, answer it, then end the session.
+
+        aiosmtpd cancels the session at once; but a client that half-closed
+        (``shutdown(SHUT_WR)``) right after the final dot can still read, and without
+        the reply it would resend a message that was delivered. So the EOF goes to the
+        reader instead: the commands before it are answered, and at the EOF itself the
+        reader raises ``ConnectionResetError``, on which aiosmtpd closes the session
+        (mid-DATA too: an unterminated message is never taken as complete).
+        """
+        if self.session is None or self.session.ssl is not None:
+            return super().eof_received()  # TLS: aiosmtpd's own handling
+        asyncio.StreamReaderProtocol.eof_received(self)
+        return True  # keep the transport open for the replies
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """Plain ``<local@domain>`` paths directly; anything else through aiosmtpd's parser.
 
@@ -203,7 +225,8 @@ class RelaySMTP(LimitedConnections, SMTP):
             if self.transport is not None:
                 self.transport.close()
             return
-        await super()._handle_client()
+        with contextlib.suppress(ConnectionResetError):  # aiosmtpd logged it and closed
+            await super()._handle_client()
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         """aiosmtpd's synchronous check: only note what was offered (see ``auth_PLAIN``)."""

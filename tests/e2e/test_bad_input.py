@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -633,17 +634,65 @@ async def test_disconnect_mid_data_relays_nothing(relay: Relay, sink: Sink) -> N
     await assert_still_serves(relay, sink)
 
 
+def half_close(client: RawSMTP) -> None:
+    """``shutdown(SHUT_WR)`` on the client's socket: the server reads EOF, we can still read."""
+    sock = client.writer.get_extra_info("socket")
+    sock.shutdown(socket.SHUT_WR)
+    with socket.socket(fileno=os.dup(sock.fileno())) as same, pytest.raises(BrokenPipeError):
+        same.send(b"x")  # our side really is closed for writing
+
+
+async def read_until_closed(client: RawSMTP, within: float) -> bytes | None:
+    """Everything the server writes until it closes; None if it is still open after ``within``."""
+    data = b""
+    try:
+        async with asyncio.timeout(within):
+            while chunk := await client.reader.read(65536):
+                data += chunk
+    except TimeoutError:
+        return None
+    return data
+
+
 async def test_half_close_mid_data_relays_nothing(relay: Relay, sink: Sink) -> None:
+    """EOF before the final dot ends the session at once: no 250, nothing relayed.
+
+    ``smtp.timeout`` is 300 s here, so a close within 5 s is the EOF's doing.
+    """
+    assert relay.config.smtp.timeout >= 300
     client = await RawSMTP.open(relay.smtp_port)
     await envelope(client)
     assert (await client.command("DATA")).code == 354
     await client.send(plain() + b"\r\n")  # the whole message but no final dot
-    client.writer.write_eof()
-    assert await client.closed_by_server(within=5)
+    half_close(client)
+    rest = await read_until_closed(client, within=5)
     await client.close()
+    assert rest is not None, "the relay kept a half-closed session open"
+    assert b"250" not in rest, rest  # the data was never taken as complete
     await wait_idle(relay)
     assert sink.handler.messages == []
     assert messages(relay, "transactional", "delivered") == 0
+    await assert_still_serves(relay, sink)
+
+
+async def test_half_close_after_final_dot_is_answered(relay: Relay, sink: Sink) -> None:
+    """A client that shuts its side right after the dot still reads the reply: the
+    delivery under way is not cancelled by the EOF, exactly one copy reaches the
+    upstream, and the 250 says so (without it the client would resend)."""
+    client = await RawSMTP.open(relay.smtp_port)
+    await envelope(client)
+    assert (await client.command("DATA")).code == 354
+    await client.send(stuff(plain(subject="half close after the dot")))
+    half_close(client)
+    rest = await read_until_closed(client, within=10)
+    await client.close()
+    assert rest is not None, "the relay kept a half-closed session open"
+    assert rest.startswith(b"250 2.0.0 Ok: delivered 1 id="), rest
+    assert rest.count(b"\r\n") == 1, rest  # that reply, then the close
+    await wait_idle(relay)
+    delivered = [m for m in sink.handler.messages if b"half close after the dot" in m.data]
+    assert len(delivered) == 1
+    assert messages(relay, "transactional", "delivered") == 1
     await assert_still_serves(relay, sink)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from conftest import Sink
-from helpers import DATA, message, smtp_send, write_yaml
+from helpers import DATA, message, smtp_send, unsubscribe_token, write_yaml
 
 from relay.runtime.app import Relay
 from relay.suppression.report import daily_report
@@ -62,9 +62,7 @@ async def newsletter(relay: Relay, sink: Sink, rcpt: str, sender: str = "news@ex
 
 
 def token_of(data: bytes) -> str:
-    m = re.search(rb"/u/([^>]+)>", data)
-    assert m, data[:300]
-    return m.group(1).decode()
+    return unsubscribe_token(data)
 
 
 def bounce(sample: str, return_path: str, token: str = "", message_id: str = "") -> bytes:

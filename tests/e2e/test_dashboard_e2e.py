@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Sink
-from helpers import message, smtp_send
+from helpers import message, smtp_send, unsubscribe_token
 
 from relay.http.session import SESSION_COOKIE
 from relay.runtime.app import Relay
@@ -104,7 +104,7 @@ async def seed(relay: Relay, sink: Sink, redis_url: str) -> Seeded:
         code, _ = await smtp_send(relay.smtp_port, sender, people[:3], message(sender=sender))
         assert code == 250
     tokens = {
-        m.rcpt_tos[0]: re.search(rb"/u/([^>]+)>", m.data).group(1).decode()  # type: ignore[union-attr]
+        m.rcpt_tos[0]: unsubscribe_token(m.data)
         for m in sink.handler.messages
         if b"From: Example <news@example.com>" in m.data
     }
@@ -522,3 +522,16 @@ async def test_stats_cache_reports_redis_down() -> None:
     finally:
         await cache.close()
         await redis.aclose()
+
+
+def test_token_is_read_from_the_list_unsubscribe_header_only() -> None:
+    """A DKIM b= value can hold "/u/"; a later header can hold ">": neither is the token."""
+    data = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s2026;\r\n"
+        b"\tb=Zm9v/u/YmFyYmF6cXV4Kw==\r\n"
+        b"List-Unsubscribe:\r\n <https://unsub.example.com/u/k1.Abc-_9>\r\n"
+        b"Message-ID: <x@example.com>\r\n"
+        b"\r\nbody /u/nope>\r\n"
+    )
+    assert unsubscribe_token(data) == "k1.Abc-_9"
+    assert re.search(rb"/u/([^>]+)>", data).group(1) != b"k1.Abc-_9"  # type: ignore[union-attr]

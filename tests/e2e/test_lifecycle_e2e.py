@@ -222,7 +222,9 @@ def error_lines(text: str) -> list[str]:
 async def test_a_port_in_use_is_one_line_exit_1_and_leaves_no_embedded_redis(
     config_dict: dict[str, Any], tmp_path: Path, workers: int, taken: str
 ) -> None:
-    del config_dict["redis"]  # the embedded Redis: a child process
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    config_dict["redis"] = {"url": "embedded", "data_dir": str(data)}  # a child process
     config_dict["smtp"]["workers"] = workers
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
@@ -247,9 +249,12 @@ async def test_a_port_in_use_is_one_line_exit_1_and_leaves_no_embedded_redis(
 async def test_an_unloadable_certificate_is_one_line_exit_2_before_anything_starts(
     config_dict: dict[str, Any], tmp_path: Path
 ) -> None:
-    del config_dict["redis"]
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    config_dict["redis"] = {"url": "embedded", "data_dir": str(data)}
     garbage = tmp_path / "cert.pem"
     garbage.write_text("not a certificate\n")
+    garbage.chmod(0o600)  # it is also the key file: readable by others would be refused first
     config_dict["smtp"]["tls"] = {"cert_file": str(garbage), "key_file": str(garbage)}
     path = write_yaml(tmp_path / "relay.yaml", config_dict)
     log = tmp_path / "relay.log"
