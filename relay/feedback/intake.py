@@ -130,7 +130,17 @@ class Intake:
         ).hexdigest()[:32]
         role = self._role(recipients, report)
         kind = "mailto" if role == "unsubscribe" else report.kind
-        if not await self._remember(inbound_id, data, source, report.message_id):
+        try:
+            remembered = await self._remember(inbound_id, data, source, report.message_id)
+        except StoreUnavailable:
+            if role != "unsubscribe":
+                raise
+            # Redis is down: the unsubscriber keeps the request in the local journal
+            # (or raises StoreUnavailable, so the sender retries); a duplicate is harmless
+            remembered = None
+        if remembered is None:
+            result = await self._mailto(inbound_id, report, recipients)
+        elif not remembered:
             result = Result(inbound_id, kind, "duplicate")
         else:
             try:
@@ -216,7 +226,10 @@ class Intake:
             return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
         claims = done.claims
         return Result(
-            inbound_id, "mailto", "processed", f"rcpt={claims.recipient} group={claims.group}"
+            inbound_id,
+            "mailto",
+            "journaled" if done.journaled else "processed",
+            f"rcpt={claims.recipient} group={claims.group}",
         )
 
     # -- bounces and complaints ------------------------------------------------

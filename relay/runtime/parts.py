@@ -50,6 +50,7 @@ from relay.store import client as redis_client
 from relay.store.client import RedisClient
 from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError
 from relay.store.inbound import InboundLog
+from relay.store.journal import Journal
 from relay.store.keys import Keys
 from relay.store.ledger import Ledger
 from relay.suppression.report import DailyCounters
@@ -106,6 +107,8 @@ class Stores:
     counters: DailyCounters
     inbound: InboundLog
     ledger: Ledger
+    journal: Journal
+    """The local unsubscribe journal (``state_dir``), for while Redis is unreachable."""
 
 
 def stores(config: Config, redis: RedisClient) -> Stores:
@@ -119,6 +122,7 @@ def stores(config: Config, redis: RedisClient) -> Stores:
         counters=DailyCounters(redis, prefix),
         inbound=InboundLog(redis, Keys(prefix)),
         ledger=Ledger(redis, Keys(prefix)),
+        journal=Journal(config.state_dir),
     )
 
 
@@ -213,7 +217,9 @@ def handling(config: Config, parts: Stores, metrics: Metrics) -> Handling:
     tokens = TokenCodec(config.tokens)
     verp = Verp.from_config(config)
     feedback = Feedback(parts.store, config.bounces.thresholds, parts.counters, metrics)
-    unsubscriber = Unsubscriber(tokens, parts.store, config.policy, metrics, parts.counters)
+    unsubscriber = Unsubscriber(
+        tokens, parts.store, config.policy, metrics, parts.counters, parts.journal
+    )
     intake = Intake(
         config=config,
         records=parts.inbound,
