@@ -112,9 +112,12 @@ class StreamConsumer:
             handled += 1
         return handled
 
+    def _backoff(self, deliveries: int) -> float:
+        return backoff(deliveries, self._first_delay, self._max_delay)
+
     def _min_idle(self, deliveries: int) -> float:
         """Seconds an entry must be idle before it is retried: backoff, at least the lease."""
-        return max(backoff(deliveries, self._first_delay, self._max_delay), self._lease)
+        return max(self._backoff(deliveries), self._lease)
 
     async def _retry_due(self) -> int:
         pending = await self._stream.pending(int(self._min_idle(1) * 1000), 100)
