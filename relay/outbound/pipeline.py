@@ -60,15 +60,6 @@ class _Copy:
     failed: SmtpReply | None = None
     """Set when the copy could not be built: its recipients get this reply, nothing is sent."""
 
-
-BUILD_FAILED = SmtpReply(451, "4.3.0", "internal error building this copy, try again later")
-NOT_QUEUED = SmtpReply(
-    550, "5.3.0", "deferred by the upstream and the retry queue is unavailable: not sent"
-)
-"""After other copies were accepted, a deferred copy that cannot be kept is refused:
-a 4xx for the whole message would make the client resend the accepted copies."""
-INTERNAL = SmtpReply(451, "4.3.0", "internal error, try again later")
-
     @property
     def head(self) -> bytes:
         """The header block as bytes, with the blank line: ``head + body`` is what is sent."""
@@ -77,6 +68,15 @@ INTERNAL = SmtpReply(451, "4.3.0", "internal error, try again later")
     @property
     def data(self) -> bytes:
         return self.head + self.body
+
+
+BUILD_FAILED = SmtpReply(451, "4.3.0", "internal error building this copy, try again later")
+NOT_QUEUED = SmtpReply(
+    550, "5.3.0", "deferred by the upstream and the retry queue is unavailable: not sent"
+)
+"""After other copies were accepted, a deferred copy that cannot be kept is refused:
+a 4xx for the whole message would make the client resend the accepted copies."""
+INTERNAL = SmtpReply(451, "4.3.0", "internal error, try again later")
 
 
 @dataclass(slots=True)
