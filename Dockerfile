@@ -37,7 +37,11 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links /wheels "oneclick-relay[${EXTRAS}]" \
  && groupadd --system --gid 10001 oneclick-relay \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin oneclick-relay
+        --shell /usr/sbin/nologin oneclick-relay \
+ && install -d -m 0700 -o 10001 -g 10001 /var/lib/oneclick-relay
+
+# state_dir: the unsubscribe journal, kept while Redis is unreachable (-v …:/var/lib/oneclick-relay).
+VOLUME /var/lib/oneclick-relay
 
 # Config, token secrets and DKIM keys: mount read-only here (-v …:/etc/oneclick-relay:ro).
 USER 10001:10001

@@ -118,6 +118,14 @@ class Metrics:
             registry=r,
         )
         self.unsubscribe_recent = RecentDurations()
+        self.journal = Counter(
+            "oneclick_unsubscribe_journal",
+            "Unsubscribe requests kept in the local journal while Redis was unreachable"
+            " (written), replayed into Redis (replayed), or lost to an unwritable journal"
+            " (write-failed: answered 503).",
+            ["event"],
+            registry=r,
+        )
         self.inbound = Counter(
             "oneclick_inbound_messages",
             "Messages to the bounce and unsubscribe addresses (listener or ingest),"

@@ -20,7 +20,8 @@ Fixtures
     ``sink.handler.messages`` holds what it accepted, and ``sink.handler.reply`` /
     ``rcpt_replies`` / ``delay`` make it refuse, defer or stall.
 ``config_dict`` (function)
-    A complete config as a dict pointing at ``redis_url`` and ``sink``; tests
+    A complete config as a dict pointing at ``redis_url`` and ``sink`` (and
+    ``state_dir``, the unsubscribe journal's folder, under ``tmp_path``); tests
     edit it, then ``make_relay(config_dict)`` starts a relay on free ports.
 ``relay`` (function)
     A running relay on ``config_dict`` as it is.
@@ -207,8 +208,9 @@ async def sink(tmp_path: Path) -> AsyncIterator[Sink]:
 
 
 @pytest.fixture
-def config_dict(redis_url: str, sink: Sink, keys: Keys) -> dict[str, Any]:
+def config_dict(redis_url: str, sink: Sink, keys: Keys, tmp_path: Path) -> dict[str, Any]:
     return {
+        "state_dir": str(tmp_path / "state"),
         "smtp": {
             "listen": "127.0.0.1:0",
             "allowed_networks": ["127.0.0.0/8", "::1/128"],

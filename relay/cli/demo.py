@@ -73,6 +73,7 @@ def write_demo_config(folder: Path, upstream_port: int) -> Path:
                 {"match": RECEIPTS, "class": "transactional"},
             ],
         },
+        "state_dir": "state",
     }
     path = folder / "oneclick-relay.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

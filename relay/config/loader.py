@@ -22,6 +22,7 @@ import yaml
 
 from relay.config.schema import (
     DEFAULT_CONFIG_ENV,
+    DEFAULT_STATE_DIR,
     DEFAULT_TOKEN_MAX_AGE_DAYS,
     ESP_PROVIDERS,
     BouncesConfig,
@@ -389,6 +390,7 @@ def _read_upstream(s: _Section) -> UpstreamConfig:
         timeout=s.get("timeout", d.timeout, _seconds),
         connections=s.get("connections", d.connections, _int_range(1, 256)),
         helo_name=s.get("helo_name", None, _str),
+        name=s.get("name", None, _str),
     )
     if cfg.username and cfg.password is None:
         raise ConfigError(s.key("password_file"), "is required when username is set")
@@ -931,6 +933,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         unsubscribe=_read_unsubscribe(top.section("unsubscribe")),
         log=_read_log(top.section("log")),
         esp_webhooks=_read_esp_webhooks(top),
+        state_dir=top.get("state_dir", DEFAULT_STATE_DIR, lambda v, k: base / _str(v, k)),
         source=source,
         secret_files=tuple(top.secrets),
     )

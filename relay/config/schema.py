@@ -103,6 +103,10 @@ class UpstreamConfig:
     timeout: float = 30.0
     connections: int = 8
     helo_name: str | None = None
+    name: str | None = None
+    """The retry queue's partition: relays with the same name deliver (and take over)
+    each other's deferred copies. Default: host:port (for a loopback host, prefixed by
+    smtp.hostname: each host's own local MTA)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +370,9 @@ class MilterConfig:
     an SMTP session may sit idle between messages while its milter connection stays open)."""
 
 
+DEFAULT_STATE_DIR = Path("/var/lib/oneclick-relay")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig
@@ -383,6 +390,9 @@ class Config:
     log: LogConfig = LogConfig()
     esp_webhooks: tuple[EspWebhookConfig, ...] = ()
     milter: MilterConfig = MilterConfig()
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Local state: the unsubscribe journal (the systemd unit's StateDirectory)."""
     source: Path | None = None
     secret_files: tuple[tuple[str, Path], ...] = ()
     """(dotted key, path) of every key, secret and password file read: their modes are checked."""

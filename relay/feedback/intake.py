@@ -131,7 +131,17 @@ class Intake:
         role = self._role(recipients, report)
         kind = "mailto" if role == "unsubscribe" else report.kind
         digest = data[: self._bounces.digest_bytes]
-        if not await self._remember(inbound_id, digest, source, report.message_id):
+        try:
+            remembered = await self._remember(inbound_id, digest, source, report.message_id)
+        except StoreUnavailable:
+            if role != "unsubscribe":
+                raise
+            # Redis is down: the unsubscriber keeps the request in the local journal
+            # (or raises StoreUnavailable, so the sender retries); a duplicate is harmless
+            remembered = None
+        if remembered is None:
+            result = await self._mailto(inbound_id, report, recipients)
+        elif not remembered:
             result = Result(inbound_id, kind, "duplicate")
         else:
             try:
@@ -237,7 +247,10 @@ class Intake:
             return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
         claims = done.claims
         return Result(
-            inbound_id, "mailto", "processed", f"rcpt={claims.recipient} group={claims.group}"
+            inbound_id,
+            "mailto",
+            "journaled" if done.journaled else "processed",
+            f"rcpt={claims.recipient} group={claims.group}",
         )
 
     # -- bounces and complaints ------------------------------------------------

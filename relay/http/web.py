@@ -28,7 +28,7 @@ from relay.http.pages import (
 from relay.mail.tokens import ExpiredToken, TokenError
 from relay.metrics import Metrics
 from relay.suppression.store import SuppressionStore
-from relay.suppression.unsubscribe import Unsubscriber
+from relay.suppression.unsubscribe import JournalReplayer, Unsubscriber
 
 log = EventLog(__name__)
 
@@ -54,7 +54,11 @@ class WebApp:
         metrics: Metrics,
         trusted_proxies: tuple[Network, ...] = (),
         metrics_token: Secret | None = None,
+        *,
+        journal: JournalReplayer | None = None,
     ) -> None:
+        """``journal``: its pending requests are shown by ``/healthz``."""
+        self._journal = journal
         self.unsubscriber = unsubscriber
         self._store = store
         self._metrics = metrics
@@ -120,9 +124,10 @@ class WebApp:
             )
         except TokenError as exc:
             return self._refuse(exc, html_page=via_page)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            # neither Redis nor the local journal could keep it: the only 503
             self._metrics.http_rejected.labels("503").inc()
-            log.warning("unsubscribe deferred", reason="store unavailable", status=503)
+            log.error("unsubscribe not kept", reason=str(exc), status=503)
             return _plain("Service temporarily unavailable, please try again later.", 503)
         name = self.unsubscriber.list_name(done.claims)
         if via_page:
@@ -153,9 +158,18 @@ class WebApp:
         return _plain(text, exc.status)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if await self._store.ping():
-            return web.json_response({"status": "ok", "redis": "ok"})
-        return web.json_response({"status": "degraded", "redis": "unreachable"}, status=503)
+        """Redis, and the unsubscribes waiting in the local journal (0 when all are in Redis)."""
+        redis_ok = await self._store.ping()
+        body: dict[str, object] = {
+            "status": "ok" if redis_ok else "degraded",
+            "redis": "ok" if redis_ok else "unreachable",
+        }
+        if self._journal is not None:
+            pending = await self._journal.pending()
+            body["journal_pending"] = pending
+            if pending and redis_ok:
+                body["status"] = "replaying"
+        return web.json_response(body, status=200 if redis_ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         """The Prometheus text; with ``http.metrics_token_file`` only for its bearer token."""

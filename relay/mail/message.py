@@ -93,23 +93,33 @@ class Message:
 
     @classmethod
     def parse(cls, data: bytes) -> Message:
+        """Split at the blank line, or, as Postfix does, at the first line that is not a
+        header field: that line starts the body (``to_bytes`` puts the blank line in).
+        A message whose first line is no field (or is blank) has no header block."""
         data = normalize_line_endings(data)
+        if len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE:
+            raise MessageError(f"line longer than {MAX_LINE} octets (RFC 5322 2.1.1)")
         if data.startswith(b"\r\n"):
-            raise MessageError("message has no header block")
+            return cls((), data[2:])
         end = data.find(b"\r\n\r\n")
-        if end + 2 > MAX_HEADER_BLOCK or (end < 0 and len(data) > MAX_HEADER_BLOCK):
-            raise PermFail("5.3.4", f"header block larger than {MAX_HEADER_BLOCK} bytes", 552)
         if end < 0:
             block, body = data, b""
             if not block.endswith(b"\r\n"):
                 block += b"\r\n"
         else:
             block, body = data[: end + 2], data[end + 4 :]
-        if b"\0" in block:
+        fields, rest = _split_fields(block[: MAX_HEADER_BLOCK + 2])
+        if rest is not None:
+            # the block ended early: everything from the first non-field line is body
+            used = sum(len(h.raw) for h in fields)
+            if used > MAX_HEADER_BLOCK:
+                raise PermFail("5.3.4", f"header block larger than {MAX_HEADER_BLOCK} bytes", 552)
+            body = data[used:]
+        elif len(block) > MAX_HEADER_BLOCK:
+            raise PermFail("5.3.4", f"header block larger than {MAX_HEADER_BLOCK} bytes", 552)
+        if any(b"\0" in h.raw for h in fields):
             raise MessageError("NUL byte in header block")
-        if len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE:
-            raise MessageError(f"line longer than {MAX_LINE} octets (RFC 5322 2.1.1)")
-        return cls(tuple(_split_fields(block)), body)
+        return cls(tuple(fields), body)
 
     def get_all(self, name: str) -> list[Header]:
         lname = name.lower()
@@ -138,27 +148,32 @@ class Message:
         return self.header_bytes() + b"\r\n" + self.body
 
 
-def _split_fields(block: bytes) -> list[Header]:
+def _split_fields(block: bytes) -> tuple[list[Header], int | None]:
+    """The fields, and the line number where a non-field line ended them (None: none did).
+
+    A line that is neither ``Name:`` nor a continuation of a field (a continuation
+    first, a space in the name, no colon) is where the body starts.
+    """
     fields: list[Header] = []
     lines = block.split(b"\r\n")[:-1]
     current: list[bytes] = []
     name = ""
     for number, line in enumerate(lines, start=1):
-        if line[:1] in (b" ", b"\t"):
-            if not current:
-                raise MessageError("header block starts with a continuation line")
+        if line[:1] in (b" ", b"\t") and current:
             current.append(line)
             continue
         m = _FIELD_NAME.match(line)
         if m is None:
-            raise MessageError(f"header line {number} is not a 'Name: value' field")
+            if current:
+                fields.append(Header(name, b"\r\n".join(current) + b"\r\n"))
+            return fields, number
         if current:
             fields.append(Header(name, b"\r\n".join(current) + b"\r\n"))
         name = m.group(1).decode("ascii")
         current = [line]
     if current:
         fields.append(Header(name, b"\r\n".join(current) + b"\r\n"))
-    return fields
+    return fields, None
 
 
 def from_address(message: Message) -> str:

@@ -4,7 +4,9 @@ Both read the Redis stream ``{prefix}:events`` through their own consumer group,
 so an event is acknowledged only once it was handed on, and nothing is lost when
 the relay restarts or the receiver is down: unacknowledged events are claimed
 again with exponential backoff (``XPENDING`` idle time against the delivery
-count). Several relay processes share the work through the group.
+count). Several relay processes share the work through the group, and each
+retry is claimed by exactly one of them (``relay.store.stream``). A group is
+created at the oldest entry kept, so events written before it existed are sent.
 
 Webhook request::
 
@@ -30,7 +32,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from typing import Any, cast
 
 import aiohttp
 
@@ -40,7 +41,8 @@ from relay.eventlog import EventLog
 from relay.metrics import Metrics
 from relay.outbound.backoff import backoff
 from relay.outbound.upstream import Outbound, Upstream
-from relay.store.client import RedisClient, create_group, unavailable
+from relay.store.client import RedisClient
+from relay.store.stream import StreamGroup
 
 log = EventLog(__name__)
 
@@ -54,7 +56,14 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 
 
 class StreamConsumer:
-    """One consumer group on the events stream, with at-least-once delivery and backoff."""
+    """One consumer group on the events stream: at-least-once, each retry taken by one.
+
+    A new event goes to one consumer of the group (``XREADGROUP``). An unacknowledged
+    one is retried after a backoff that doubles per delivery, and never while the
+    consumer that has it may still be handing it on (``lease``: its handler's
+    timeout): it is claimed with that idle time as ``XCLAIM``'s minimum, so of several
+    processes that see it due, exactly one gets it.
+    """
 
     def __init__(
         self,
@@ -67,31 +76,28 @@ class StreamConsumer:
         first_delay: float = 5.0,
         max_delay: float = 600.0,
         block_ms: int = 250,
+        lease: float = 0.0,
     ) -> None:
-        self._redis = redis
-        self._stream = stream
+        self._stream = StreamGroup(redis, stream, group)
         self._group = group
         self._handler = handler
         self._metrics = metrics
         self._first_delay = first_delay
         self._max_delay = max_delay
         self._block_ms = block_ms
+        self._lease = lease
         self._consumer = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stopped = False
 
     def stop(self) -> None:
         self._stopped = True
 
-    async def _ensure_group(self) -> None:
-        await create_group(self._redis, self._stream, self._group, "$")
-
     async def run(self) -> None:
         while not self._stopped:
             try:
-                await self._ensure_group()
+                await self._stream.ensure()
                 while not self._stopped:
-                    with unavailable("events"):
-                        await self.run_once()
+                    await self.run_once()
             except StoreUnavailable as exc:
                 log.warning("events redis unavailable", group=self._group, error=exc)
                 await asyncio.sleep(1)
@@ -99,47 +105,32 @@ class StreamConsumer:
     async def run_once(self) -> int:
         """Retry what is due, then read new events; answers how many were handled."""
         handled = await self._retry_due()
-        reply = await self._redis.xreadgroup(
-            self._group, self._consumer, {self._stream: ">"}, count=50, block=self._block_ms
-        )
-        for _, messages in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply):
-            for event_id, fields in messages:
-                await self._deliver(event_id.decode(), fields)
-                handled += 1
+        # one at a time: an entry read in a batch would sit idle while the ones before it
+        # are handed on, and could be claimed by another consumer meanwhile
+        for event_id, fields in await self._stream.read_new(self._consumer, 1, self._block_ms):
+            await self._deliver(event_id, fields)
+            handled += 1
         return handled
 
     def _backoff(self, deliveries: int) -> float:
         return backoff(deliveries, self._first_delay, self._max_delay)
 
+    def _min_idle(self, deliveries: int) -> float:
+        """Seconds an entry must be idle before it is retried: backoff, at least the lease."""
+        return max(self._backoff(deliveries), self._lease)
+
     async def _retry_due(self) -> int:
-        pending = cast(
-            list[dict[str, Any]],
-            await self._redis.xpending_range(
-                self._stream,
-                self._group,
-                min="-",
-                max="+",
-                count=100,
-                idle=int(self._first_delay * 1000),
-            ),
-        )
-        due: list[bytes] = [
-            p["message_id"]
-            for p in pending
-            if p["time_since_delivered"] >= self._backoff(int(p["times_delivered"])) * 1000
-        ]
-        if not due:
-            return 0
-        claimed = cast(
-            list[tuple[bytes, dict[bytes, bytes] | None]],
-            await self._redis.xclaim(
-                self._stream, self._group, self._consumer, min_idle_time=0, message_ids=list(due)
-            ),
-        )
-        for event_id, fields in claimed:
-            if fields is not None:
-                await self._deliver(event_id.decode(), fields)
-        return len(claimed)
+        pending = await self._stream.pending(int(self._min_idle(1) * 1000), 100)
+        handled = 0
+        for p in pending:
+            need = int(self._min_idle(p.deliveries) * 1000)
+            if p.idle_ms < need:
+                continue
+            # claimed just before it is handed on, so the lease covers one delivery only
+            for event_id, fields in await self._stream.claim(self._consumer, need, [p.id]):
+                await self._deliver(event_id, fields)
+                handled += 1
+        return handled
 
     async def _deliver(self, event_id: str, raw: dict[bytes, bytes]) -> None:
         event = {k.decode(): v.decode() for k, v in raw.items()}
@@ -149,7 +140,7 @@ class StreamConsumer:
             log.exception("events handler failed", group=self._group, id=event_id)
             ok = False
         if ok:
-            await self._redis.xack(self._stream, self._group, event_id)
+            await self._stream.ack(event_id)
             self._metrics.event_deliveries.labels(self._group, "delivered").inc()
         else:
             self._metrics.event_deliveries.labels(self._group, "deferred").inc()
@@ -237,7 +228,7 @@ def build_consumers(
     """The configured consumers, and the resources to close after them."""
     consumers, closers = [], []
 
-    def consumer(group: str, handler: Handler) -> StreamConsumer:
+    def consumer(group: str, handler: Handler, timeout: float) -> StreamConsumer:
         return StreamConsumer(
             redis,
             stream,
@@ -246,14 +237,14 @@ def build_consumers(
             metrics,
             first_delay=config.retry_first_delay,
             max_delay=config.retry_max_delay,
+            lease=timeout + 1.0,
         )
 
     if config.webhook is not None:
         sender = WebhookSender(config.webhook)
-        consumers.append(consumer("webhook", sender))
+        consumers.append(consumer("webhook", sender, config.webhook.timeout))
         closers.append(sender)
     if config.notify_email is not None:
-        consumers.append(
-            consumer("notify-mail", NotifyMailer(config.notify_email, upstream, hostname))
-        )
+        mailer = NotifyMailer(config.notify_email, upstream, hostname)
+        consumers.append(consumer("notify-mail", mailer, upstream.timeout))
     return consumers, closers

@@ -39,8 +39,8 @@ from relay.mail.verp import Verp
 from relay.metrics import Metrics
 from relay.model import Envelope, Route
 from relay.outbound.policy import Policy
-from relay.outbound.retry import RetryQueue
-from relay.outbound.upstream import Outbound, Upstream
+from relay.outbound.retry import RetryCopy, RetryQueue
+from relay.outbound.upstream import NO_SMTPUTF8, Outbound, Upstream
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import Lookup, SuppressionStore
 
@@ -49,15 +49,34 @@ log = EventLog(__name__)
 
 @dataclass(slots=True)
 class _Copy:
+    """One copy as its own header block (signature, personal fields, blank line); the
+    body is the message's, shared by every copy and never copied per recipient."""
+
     recipients: tuple[str, ...]
     headers: tuple[Header, ...]
     """The copy's header block as sent: signatures first."""
     body: bytes
     mail_from: str
+    failed: SmtpReply | None = None
+    """Set when the copy could not be built: its recipients get this reply, nothing is sent."""
+
+    @property
+    def head(self) -> bytes:
+        """The header block as bytes, with the blank line: ``head + body`` is what is sent."""
+        return b"".join(h.raw for h in self.headers) + b"\r\n"
 
     @property
     def data(self) -> bytes:
-        return b"".join(h.raw for h in self.headers) + b"\r\n" + self.body
+        return self.head + self.body
+
+
+BUILD_FAILED = SmtpReply(451, "4.3.0", "internal error building this copy, try again later")
+NOT_QUEUED = SmtpReply(
+    550, "5.3.0", "deferred by the upstream and the retry queue is unavailable: not sent"
+)
+"""After other copies were accepted, a deferred copy that cannot be kept is refused:
+a 4xx for the whole message would make the client resend the accepted copies."""
+INTERNAL = SmtpReply(451, "4.3.0", "internal error, try again later")
 
 
 @dataclass(slots=True)
@@ -142,8 +161,36 @@ class Pipeline:
             reply = await self._run(envelope, trace)
         except SmtpError as exc:
             reply = exc.reply
+        except Exception:  # a bug must not turn accepted copies into a 4xx (resent twice)
+            log.exception("pipeline error", id=trace.queue_id)
+            reply = self._after_error(trace)
         self._record(envelope, trace, reply, (time.perf_counter() - started) * 1000)
         return reply
+
+    def _after_error(self, trace: Trace) -> SmtpReply:
+        """The reply after an unexpected error: 451 only if no copy was accepted yet."""
+        accepted = sum(1 for r in trace.replies.values() if r.is_success)
+        if not accepted:
+            return INTERNAL
+        for rcpt, reply in trace.replies.items():
+            if not reply.is_success:
+                log.error("recipient not confirmed", id=trace.queue_id, rcpt=rcpt, reply=reply)
+        return SmtpReply(
+            250,
+            "2.0.0",
+            f"Ok: delivered {accepted}, {len(trace.replies) - accepted} not confirmed"
+            f" (internal error) id={trace.queue_id}",
+        )
+
+    def refusal(self, address: str) -> SmtpReply | None:
+        """An envelope address the upstream is known not to take (UTF-8 without SMTPUTF8).
+
+        Lets the front end refuse it at MAIL/RCPT; until the upstream's capabilities are
+        known, the same refusal comes per recipient from the delivery.
+        """
+        if not address.isascii() and self._upstream.smtputf8 is False:
+            return NO_SMTPUTF8
+        return None
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -195,6 +242,8 @@ class Pipeline:
             return InPlace(self._all_suppressed(trace), discard=True)
         copies = iter(prepared.copies)
         own = next(copies)
+        if own.failed is not None:
+            raise SmtpError(own.failed.code, own.failed.enhanced, own.failed.text)
         others = trace.kept - len(own.recipients)
         if others and not reinject:
             raise TempFail(
@@ -253,6 +302,10 @@ class Pipeline:
         """
         with self._stage("parse"):
             message = Message.parse(envelope.data)
+            if not message.headers and envelope.mail_from:
+                # no header block at all: like Postfix's cleanup, From is the envelope sender
+                from_field = Header.build("From", f"<{envelope.mail_from}>")
+                message = message.replace(prepend=[from_field])
             sender = from_address(message)
             trace.sender = sender
             route = self._policy.classify(sender)
@@ -401,14 +454,20 @@ class Pipeline:
         public_url = self._config.http.public_url
         sender = route.sender if route.unsubscribe_scope == "sender" else None
         for rcpt in rcpts:
-            token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
-            url = headers.unsubscribe_url(public_url, token)
-            fields = headers.one_click_headers(
-                url, group, token, self._config.unsubscribe.mailto_address
-            )
-            personal = base.replace(prepend=fields)
-            return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
-            yield _Copy((rcpt,), self._sign(personal, keys, bh), base.body, return_path)
+            try:
+                token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
+                url = headers.unsubscribe_url(public_url, token)
+                fields = headers.one_click_headers(
+                    url, group, token, self._config.unsubscribe.mailto_address
+                )
+                personal = base.replace(prepend=fields)
+                return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
+                signed = self._sign(personal, keys, bh)
+            except Exception:  # one recipient's copy must not stop the others
+                log.exception("copy not built", id=queue_id, rcpt=rcpt)
+                yield _Copy((rcpt,), (), base.body, mail_from, BUILD_FAILED)
+                continue
+            yield _Copy((rcpt,), signed, base.body, return_path)
 
     def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> tuple[Header, ...]:
         """The copy's header block: the signatures on top of the signed fields."""
@@ -424,7 +483,8 @@ class Pipeline:
         """All copies over the pool, at most ``upstream.connections`` at a time.
 
         Copies are built lazily, so a 1,000-recipient newsletter never holds 1,000
-        signed copies in memory; only deferred copies are kept, for the retry queue.
+        signed copies in memory: at most one whole copy per connection is in flight, and a
+        deferred copy is kept as its header block only (the body is the message's).
         Answers the reply per recipient and each deferred recipient's copy.
         """
         replies: dict[str, SmtpReply] = {}
@@ -432,8 +492,15 @@ class Pipeline:
 
         async def worker() -> None:
             for copy in copies:
+                if copy.failed is not None:
+                    replies.update(dict.fromkeys(copy.recipients, copy.failed))
+                    continue
                 out = Outbound(copy.mail_from, copy.recipients, copy.data)
-                result = await self._upstream.send(out)
+                try:
+                    result = await self._upstream.send(out)
+                except Exception:  # not a reply: a bug; the copy is deferred, not lost
+                    log.exception("upstream send failed", rcpts=len(copy.recipients))
+                    result = dict.fromkeys(copy.recipients, INTERNAL)
                 replies.update(result)
                 for rcpt, reply in result.items():
                     if reply.is_temporary:
@@ -454,22 +521,41 @@ class Pipeline:
         refused = [r for r, reply in replies.items() if reply.is_permanent]
         if not accepted:
             return next((replies[r] for r in deferred), None) or replies[refused[0]]
-        if deferred:
-            try:
-                for rcpt in deferred:
-                    copy = deferred_copies[rcpt]
-                    await self._retry.put(copy.mail_from, rcpt, copy.data, str(replies[rcpt]))
-                    self._metrics.retry.labels("queued").inc()
-            except StoreUnavailable:
+        queued = 0
+        body = b""
+        items: list[RetryCopy] = []
+        for rcpt in deferred:
+            copy = deferred_copies.get(rcpt)
+            if copy is None or copy.failed is not None:
+                # other copies were accepted: refuse this one rather than 4xx the message
                 log.error(
-                    "retry queue unavailable",
-                    id=trace.queue_id,
-                    reply=451,
-                    accepted=len(accepted),
-                    effect="accepted copies may be sent again when the client retries",
+                    "deferred copy not queued", id=trace.queue_id, rcpt=rcpt, reason="not built"
                 )
-                return SmtpReply(451, "4.3.0", "temporary failure queuing deferred recipients")
-            trace.queued = len(deferred)
+                replies[rcpt] = NOT_QUEUED
+                self._metrics.retry.labels("not-queued").inc()
+                continue
+            body = copy.body  # every copy of a message shares it
+            items.append(RetryCopy(copy.mail_from, rcpt, copy.head, str(replies[rcpt])))
+        if items:
+            try:
+                await self._retry.put_message(items, body, self._upstream.identity)
+            except StoreUnavailable as exc:
+                log.error(
+                    "deferred copies not queued",
+                    id=trace.queue_id,
+                    rcpts=len(items),
+                    error=str(exc),
+                    effect="refused",
+                )
+                for item in items:
+                    replies[item.rcpt] = NOT_QUEUED
+                self._metrics.retry.labels("not-queued").inc(len(items))
+            else:
+                queued = len(items)
+                self._metrics.retry.labels("queued").inc(queued)
+        trace.queued = queued
+        deferred = [r for r in deferred if replies[r].is_temporary]
+        refused = [r for r, reply in replies.items() if reply.is_permanent]
         parts = [f"delivered {len(accepted)}"]
         if deferred:
             parts.append(f"queued {len(deferred)}")

@@ -6,11 +6,18 @@ The client was answered ``250`` for them, so from then on the relay owns them.
 
 Keys (one hash tag, so the claim script is atomic on Redis Cluster too)::
 
-    {prefix}:{queue}              ZSET  id -> time the item is due (or its lease ends)
-    {prefix}:{queue}:item:<id>    HASH  mail_from, rcpt, data, attempts, first, reply
+    {prefix}:{queue}:up:<upstream>  ZSET  id -> time the item is due (or its lease ends)
+    {prefix}:{queue}:upstreams      SET   every <upstream> with a partition
+    {prefix}:{queue}:item:<id>      HASH  mail_from, rcpt, head, msg, attempts, first,
+                                          reply, upstream (older items: data)
+    {prefix}:{queue}:msg:<msg>      HASH  body, refs: one body per message, not per copy
+    {prefix}:{queue}                ZSET  items queued before partitions (any relay takes them)
 
-Claiming moves an item's score forward by a lease; a relay that dies mid-delivery
-leaves the item to be claimed again when the lease ends (at-least-once).
+The queue is partitioned by upstream (``Upstream.identity``): a copy is delivered
+only through the upstream it was accepted for, so relays with different upstreams
+can share one Redis. Claiming moves an item's score forward by a lease; a relay
+that dies mid-delivery leaves the item to be claimed again when the lease ends by
+any relay of the same upstream (at-least-once).
 """
 
 from __future__ import annotations
@@ -42,6 +49,21 @@ end
 return ids
 """
 
+_RELEASE = """
+if redis.call('HINCRBY', KEYS[1], 'refs', -1) <= 0 then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryCopy:
+    """One deferred copy as the pipeline keeps it: its own header block, not the body."""
+
+    mail_from: str
+    rcpt: str
+    head: bytes
+    reply: str
+
 
 @dataclass(frozen=True, slots=True)
 class QueuedItem:
@@ -53,6 +75,9 @@ class QueuedItem:
     first: float
     reply: str
     due: float = 0.0
+    upstream: str = ""
+    msg: str = ""
+    """The shared body's id ("" for an item that holds its whole copy)."""
 
 
 class RetryQueue:
@@ -68,11 +93,56 @@ class RetryQueue:
         self._config = config
         self._clock = clock
         self._claim = redis.register_script(_CLAIM)
+        self._release = redis.register_script(_RELEASE)
 
     def _item_key(self, item_id: str) -> str:
         return f"{self._zset}:item:{item_id}"
 
-    async def put(self, mail_from: str, rcpt: str, data: bytes, reply: str) -> str:
+    def _body_key(self, msg: str) -> str:
+        return f"{self._zset}:msg:{msg}"
+
+    async def put_message(self, copies: list[RetryCopy], body: bytes, upstream: str) -> None:
+        """Queue the deferred copies of one message: the body once, each copy's header block.
+
+        One transaction: either every copy is queued or none (``StoreUnavailable``).
+        """
+        msg = uuid.uuid4().hex
+        now = self._clock()
+        with unavailable("retry queue write failed"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._body_key(msg), mapping={"body": body, "refs": len(copies)})
+                for copy in copies:
+                    item_id = uuid.uuid4().hex
+                    pipe.hset(
+                        self._item_key(item_id),
+                        mapping={
+                            "mail_from": copy.mail_from,
+                            "rcpt": copy.rcpt,
+                            "head": copy.head,
+                            "msg": msg,
+                            "attempts": 0,
+                            "first": now,
+                            "reply": copy.reply,
+                            "upstream": upstream,
+                        },
+                    )
+                    pipe.zadd(self._partition(upstream), {item_id: now + self._delay(1)})
+                if upstream:
+                    pipe.sadd(self._upstreams, upstream)
+                await pipe.execute()
+
+    def _partition(self, upstream: str) -> str:
+        """The due-time ZSET of one upstream's items ("": the one from before partitions)."""
+        return f"{self._zset}:up:{upstream}" if upstream else self._zset
+
+    @property
+    def _upstreams(self) -> str:
+        return f"{self._zset}:upstreams"
+
+    async def put(
+        self, mail_from: str, rcpt: str, data: bytes, reply: str, upstream: str = ""
+    ) -> str:
+        """Queue a copy for ``upstream`` (``Upstream.identity``): only it delivers the copy."""
         item_id = uuid.uuid4().hex
         now = self._clock()
         with unavailable("retry queue write failed"):
@@ -86,50 +156,73 @@ class RetryQueue:
                         "attempts": 0,
                         "first": now,
                         "reply": reply,
+                        "upstream": upstream,
                     },
                 )
-                pipe.zadd(self._zset, {item_id: now + self._delay(1)})
+                pipe.zadd(self._partition(upstream), {item_id: now + self._delay(1)})
+                if upstream:
+                    pipe.sadd(self._upstreams, upstream)
                 await pipe.execute()
         return item_id
 
-    async def claim(self, limit: int) -> list[QueuedItem]:
+    async def claim(self, limit: int, upstream: str = "") -> list[QueuedItem]:
+        """Due items of ``upstream`` (and unpartitioned ones), leased to this relay."""
         now = self._clock()
-        items = []
+        items: list[QueuedItem] = []
         with unavailable("retry queue claim failed"):
-            ids = await self._claim(keys=[self._zset], args=[now, now + LEASE, limit])
-            for raw_id in ids:
-                item = await self._load(raw_id.decode())
-                if item is None:
-                    await self._redis.zrem(self._zset, raw_id)
-                else:
-                    items.append(item)
+            for zset in dict.fromkeys((self._partition(upstream), self._zset)):
+                ids = await self._claim(keys=[zset], args=[now, now + LEASE, limit - len(items)])
+                for raw_id in ids:
+                    item = await self._load(raw_id.decode())
+                    if item is None:
+                        await self._redis.zrem(zset, raw_id)
+                    else:
+                        items.append(item)
+                if len(items) >= limit:
+                    break
         return items
 
-    async def _load(self, item_id: str, due: float = 0.0) -> QueuedItem | None:
+    async def _load(self, item_id: str, due: float = 0.0, body: bool = True) -> QueuedItem | None:
+        """An item with its copy rebuilt (its header block + the message's body)."""
         fields = await self._redis.hgetall(self._item_key(item_id))
         if not fields:
             return None
         raw = cast(dict[bytes, bytes], fields)
+        msg = raw.get(b"msg", b"").decode()
+        data = raw.get(b"data", b"")
+        if msg:
+            data = raw[b"head"]
+            if body:
+                shared = cast(bytes | None, await self._redis.hget(self._body_key(msg), "body"))
+                if shared is None:
+                    log.error("retry item body missing", id=item_id, msg=msg)
+                    return None
+                data += shared
         return QueuedItem(
             id=item_id,
             mail_from=raw[b"mail_from"].decode(),
             rcpt=raw[b"rcpt"].decode(),
-            data=raw[b"data"],
+            data=data,
             attempts=int(raw[b"attempts"]),
             first=float(raw[b"first"]),
             reply=raw.get(b"reply", b"").decode(),
             due=due,
+            upstream=raw.get(b"upstream", b"").decode(),
+            msg=msg,
         )
 
     def _delay(self, failures: int) -> float:
         return backoff(failures, self._config.first_delay, self._config.max_delay)
 
-    async def done(self, item_id: str) -> None:
+    async def done(self, item: QueuedItem) -> None:
         with unavailable("retry queue write failed"):
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(self._zset, item_id)
-                pipe.delete(self._item_key(item_id))
+                pipe.zrem(self._partition(item.upstream), item.id)
+                pipe.zrem(self._zset, item.id)
+                pipe.delete(self._item_key(item.id))
                 await pipe.execute()
+            if item.msg:  # the last copy of a message takes its body along
+                await self._release(keys=[self._body_key(item.msg)], args=[])
 
     async def defer(self, item: QueuedItem, reply: str) -> float:
         attempts = item.attempts + 1  # retries that failed; the first failure came before
@@ -137,26 +230,34 @@ class RetryQueue:
         with unavailable("retry queue write failed"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self._item_key(item.id), mapping={"attempts": attempts, "reply": reply})
-                pipe.zadd(self._zset, {item.id: due})
+                pipe.zadd(self._partition(item.upstream), {item.id: due})
                 await pipe.execute()
         return due
 
     def expired(self, item: QueuedItem) -> bool:
         return self._clock() - item.first > self._config.max_age
 
+    async def _partitions(self) -> list[str]:
+        members = cast(set[bytes], await self._redis.smembers(self._upstreams))
+        return [self._zset] + [self._partition(m.decode()) for m in sorted(members)]
+
     async def length(self) -> int:
+        """Items waiting, over every upstream's partition."""
         with unavailable("retry queue length failed"):
-            return int(await self._redis.zcard(self._zset))
+            return sum([int(await self._redis.zcard(z)) for z in await self._partitions()])
 
     async def list(self, limit: int = 1000) -> list[QueuedItem]:
+        """Items of every upstream, soonest due first."""
         with unavailable("retry queue read failed"):
-            entries = cast(
-                list[tuple[bytes, float]],
-                await self._redis.zrange(self._zset, 0, limit - 1, withscores=True),
-            )
+            entries: list[tuple[bytes, float]] = []
+            for zset in await self._partitions():
+                entries += cast(
+                    list[tuple[bytes, float]],
+                    await self._redis.zrange(zset, 0, limit - 1, withscores=True),
+                )
             items = []
-            for raw_id, score in entries:
-                item = await self._load(raw_id.decode(), due=float(score))
+            for raw_id, score in sorted(entries, key=lambda e: e[1])[:limit]:
+                item = await self._load(raw_id.decode(), due=float(score), body=False)
                 if item is not None:
                     items.append(item)
         return items
@@ -201,7 +302,7 @@ class RetryWorker:
         self._wake.set()
 
     async def run_once(self, limit: int = 100) -> int:
-        items = await self._queue.claim(limit)
+        items = await self._queue.claim(limit, self.upstream.identity)
         for item in items:
             await self._deliver(item)
         self._metrics.retry_length.set(await self._queue.length())
@@ -225,16 +326,16 @@ class RetryWorker:
             "reply": reply.code,
         }
         if reply.is_success:
-            await self._queue.done(item.id)
+            await self._queue.done(item)
             self._metrics.retry.labels("delivered").inc()
             log.info("retry delivered", **fields)
         elif reply.is_permanent:
-            await self._queue.done(item.id)
+            await self._queue.done(item)
             self._metrics.retry.labels("refused").inc()
             log.error("retry refused", **fields, text=reply.text)
             await self._judge(item, reply)
         elif self._queue.expired(item):
-            await self._queue.done(item.id)
+            await self._queue.done(item)
             self._metrics.retry.labels("expired").inc()
             log.error("retry expired", **fields, text=reply.text)
             await self._judge(item, reply)

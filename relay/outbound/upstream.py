@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s*")
 
 UNREACHABLE = SmtpReply(451, "4.4.1", "upstream MTA unreachable, try again later")
 DROPPED = SmtpReply(451, "4.4.2", "upstream MTA connection lost, try again later")
+NO_SMTPUTF8 = SmtpReply(
+    553, "5.6.7", "non-ASCII address, and the upstream MTA does not support SMTPUTF8"
+)
+"""RFC 6531 3.2: a UTF-8 address cannot be passed on to a server without SMTPUTF8."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +82,29 @@ class Upstream:
         for _ in range(config.connections):
             self._idle.put_nowait(None)
         self._tls_context = ssl.create_default_context() if config.tls != "none" else None
+        self.smtputf8: bool | None = None
+        """Whether the upstream offered SMTPUTF8 on the last connection (None: not yet known)."""
 
     @property
     def connections(self) -> int:
         return self._config.connections
+
+    @property
+    def timeout(self) -> float:
+        return self._config.timeout
+
+    @property
+    def identity(self) -> str:
+        """Which upstream this is, for the retry queue: ``upstream.name`` or host:port.
+
+        A loopback upstream is each host's own MTA, so its identity names the host too.
+        """
+        c = self._config
+        if c.name:
+            return c.name
+        where = f"{c.host}:{c.port}"
+        loopback = c.host == "localhost" or c.host.startswith("127.") or c.host == "::1"
+        return f"{self._local_hostname or socket.gethostname()}/{where}" if loopback else where
 
     def _new_client(self) -> aiosmtplib.SMTP:
         c = self._config
@@ -146,18 +170,30 @@ class Upstream:
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("upstream unreachable", error=type(exc).__name__)
             return None, UNREACHABLE
+        self.smtputf8 = client.supports_extension("smtputf8")
         return client, None
 
     async def _transaction(self, client: aiosmtplib.SMTP, out: Outbound) -> dict[str, SmtpReply]:
+        replies: dict[str, SmtpReply] = {}
+        if not client.supports_extension("smtputf8"):
+            if not out.mail_from.isascii():
+                return dict.fromkeys(out.recipients, NO_SMTPUTF8)
+            replies = {r: NO_SMTPUTF8 for r in out.recipients if not r.isascii()}
+            if replies:
+                log.warning("upstream lacks SMTPUTF8", refused=len(replies), reply="553 5.6.7")
+                if len(replies) == len(out.recipients):
+                    return replies
+                out = Outbound(
+                    out.mail_from, tuple(r for r in out.recipients if r.isascii()), out.data
+                )
         options = _mail_options(client, out)
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-        replies: dict[str, SmtpReply] = {}
         try:
             try:
                 await client.mail(out.mail_from, options=options, encoding=encoding)
             except aiosmtplib.SMTPResponseException as exc:
                 await _rset(client)
-                return dict.fromkeys(out.recipients, reply_from(exc.code, exc.message))
+                return replies | dict.fromkeys(out.recipients, reply_from(exc.code, exc.message))
             for rcpt in out.recipients:
                 try:
                     await client.rcpt(rcpt, encoding=encoding)

@@ -63,6 +63,7 @@ from relay.smtp.server import RelayHandler, RelaySMTP
 from relay.store.client import RedisClient
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionPolicy, SuppressionStore
+from relay.suppression.unsubscribe import JournalReplayer
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,13 @@ class Relay:
 
         counters = stores.counters
         await stack.enter_async_context(background("counters", counters.run, counters.stop))
+        problem = stores.journal.check_writable()
+        if problem:
+            log.error(
+                "state_dir: %s; unsubscribes cannot be kept while Redis is unreachable", problem
+            )
+        replayer = JournalReplayer(stores.journal, stores.store, metrics, counters)
+        await stack.enter_async_context(background("journal-replay", replayer.run, replayer.stop))
         retry_worker = RetryWorker(stores.retry, live.upstream, metrics, config.retry.poll_interval)
         retry_worker.judge = live.judge
         await stack.enter_async_context(
@@ -261,6 +269,7 @@ class Relay:
             metrics,
             config.http.trusted_proxies,
             metrics_token=config.http.metrics_token,
+            journal=replayer,
         )
         hooks = (
             EspHooks(config.esp_webhooks, live.handling.esp, metrics)

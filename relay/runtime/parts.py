@@ -57,6 +57,7 @@ from relay.store.embedded import (
     start_error,
 )
 from relay.store.inbound import InboundLog
+from relay.store.journal import Journal
 from relay.store.keys import Keys
 from relay.store.ledger import Ledger
 from relay.suppression.report import DailyCounters
@@ -118,6 +119,8 @@ class Stores:
     counters: DailyCounters
     inbound: InboundLog
     ledger: Ledger
+    journal: Journal
+    """The local unsubscribe journal (``state_dir``), for while Redis is unreachable."""
 
 
 def stores(config: Config, redis: RedisClient) -> Stores:
@@ -131,6 +134,7 @@ def stores(config: Config, redis: RedisClient) -> Stores:
         counters=DailyCounters(redis, prefix),
         inbound=InboundLog(redis, Keys(prefix)),
         ledger=Ledger(redis, Keys(prefix)),
+        journal=Journal(config.state_dir),
     )
 
 
@@ -238,7 +242,9 @@ def handling(config: Config, parts: Stores, metrics: Metrics) -> Handling:
     tokens = TokenCodec(config.tokens)
     verp = Verp.from_config(config)
     feedback = Feedback(parts.store, config.bounces.thresholds, parts.counters, metrics)
-    unsubscriber = Unsubscriber(tokens, parts.store, config.policy, metrics, parts.counters)
+    unsubscriber = Unsubscriber(
+        tokens, parts.store, config.policy, metrics, parts.counters, parts.journal
+    )
     intake = Intake(
         config=config,
         records=parts.inbound,

@@ -81,13 +81,49 @@ class _CrlfReader(asyncio.StreamReader):
     whole line is one (bad) command with one reply.
     """
 
+    _scanned = 0
+    """How much of the buffer was searched for a bare-LF terminator (DATA only)."""
+
     async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
         try:
-            return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
+            return await self._read_line(separator)
         except asyncio.IncompleteReadError:
             # The client's EOF (see RelaySMTP.eof_received): aiosmtpd ends the session
             # on a lost connection, the replies already written still go out.
             raise ConnectionResetError("client closed its side") from None
+
+    async def _read_line(self, separator: bytes) -> bytes:
+        if separator == b"\n":  # a command line
+            return await super().readuntil(b"\r\n")
+        # DATA (aiosmtpd asks for CRLF explicitly): a client that ends its data with a
+        # bare <LF>.<LF> would wait for our timeout; answer it at once instead.
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]
+        while b"\r\n" not in buffer and not self.at_eof():
+            if _bare_terminator(buffer, self._scanned):
+                raise BareLineFeedTerminator
+            self._scanned = max(0, len(buffer) - 2)
+            if len(buffer) > self._limit:  # type: ignore[attr-defined]
+                break  # super() raises LimitOverrunError, which aiosmtpd handles
+            await self._wait_for_data("readuntil")  # type: ignore[attr-defined]
+        line = await super().readuntil(separator)
+        if _bare_terminator(line, 0):
+            raise BareLineFeedTerminator
+        self._scanned = 0
+        return line
+
+
+class BareLineFeedTerminator(Exception):
+    """DATA ended with <LF>.<LF>: not the end of data (smuggling), and not to be waited on."""
+
+
+def _bare_terminator(data: bytes | bytearray, start: int) -> bool:
+    """Whether ``data`` holds <LF>.<LF> whose first LF is bare (not after a CR)."""
+    at = data.find(b"\n.\n", start)
+    while at >= 0:
+        if at == 0 or data[at - 1] != 0x0D:
+            return True
+        at = data.find(b"\n.\n", at + 1)
+    return False
 
 
 class LimitedConnections:
@@ -252,6 +288,23 @@ class RelaySMTP(LimitedConnections, SMTP):
         handler: RelayHandler = self.event_handler
         return await handler.verify(self, mechanism, credentials)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        try:
+            await super().smtp_DATA(arg)
+        except BareLineFeedTerminator:
+            # as Postfix 3.9 (smtpd_forbid_bare_newline): refuse and hang up, relay nothing
+            peer = self.session.peer if self.session else None
+            log.warning(
+                "refused",
+                client=peer[0] if isinstance(peer, tuple) else "unknown",
+                reason="bare-lf-data-terminator",
+            )
+            await self.push(
+                "521 5.5.2 bare <LF> received: end DATA with <CR><LF>.<CR><LF>; closing"
+            )
+            if self.transport is not None:
+                self.transport.close()
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             text = with_enhanced_code(status)
@@ -368,6 +421,9 @@ class RelayHandler(ShieldedTransactions):
             if problem is not None:
                 enhanced = "5.6.7" if "SMTPUTF8" in problem else "5.1.7"
                 return f"553 {enhanced} sender rejected: {problem}"
+            refusal = self.pipeline.refusal(address)
+            if refusal is not None:
+                return f"{refusal.code} {refusal.enhanced} sender rejected: {refusal.text}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -386,6 +442,9 @@ class RelayHandler(ShieldedTransactions):
         if problem is not None:
             enhanced = "5.6.7" if "SMTPUTF8" in problem else "5.1.3"
             return f"553 {enhanced} recipient rejected: {problem}"
+        refusal = self.pipeline.refusal(address)
+        if refusal is not None:
+            return f"{refusal.code} {refusal.enhanced} recipient rejected: {refusal.text}"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"

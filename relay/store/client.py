@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ChildDeadlockedError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ChildDeadlockedError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -137,13 +137,3 @@ def unavailable(what: str) -> Iterator[None]:
         yield
     except REDIS_ERRORS as exc:
         raise StoreUnavailable(f"{what}: {type(exc).__name__}") from exc
-
-
-async def create_group(client: RedisClient, stream: str, group: str, start: str) -> None:
-    """Create a stream's consumer group (and the stream) unless it exists."""
-    with unavailable("events group"):
-        try:
-            await client.xgroup_create(stream, group, id=start, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise

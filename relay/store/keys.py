@@ -7,8 +7,10 @@ the tag ``{queue}`` so its Lua scripts touch one slot::
     {prefix}:sup:{<address>}          HASH    one field per scope and reason
     {prefix}:patterns                 SET     suppression patterns
     {prefix}:events                   STREAM  one entry per suppression change
-    {prefix}:{queue}                  ZSET    retry item id -> due time (or lease end)
-    {prefix}:{queue}:item:<id>        HASH    one deferred copy
+    {prefix}:{queue}:up:<upstream>    ZSET    retry item id -> due time (or lease end)
+    {prefix}:{queue}:upstreams        SET     the upstreams with a partition
+    {prefix}:{queue}                  ZSET    retry items from before partitions
+    {prefix}:{queue}:item:<id>        HASH    one deferred copy (and its upstream)
     {prefix}:inbound                  ZSET    inbound message id -> received time
     {prefix}:inbound:{<id>}           HASH    one inbound message, kept bounces.keep_days
     {prefix}:inbound:bytes            HASH    day -> bytes of full audit copies stored that day

@@ -216,21 +216,58 @@ async def test_from_without_domain_is_550_5_6_0(relay: Relay, sink: Sink, field:
     await assert_refused_message(relay, sink, data, 550, "5.6.0", "From")
 
 
+async def test_nul_in_header_block_is_550_5_6_0(relay: Relay, sink: Sink) -> None:
+    data = build(f"From: <{SENDER}>", "Subject: NUL \0 in a header")
+    await assert_refused_message(relay, sink, data, 550, "5.6.0", "NUL")
+
+
 @pytest.mark.parametrize(
-    "block",
+    ("block", "headers"),
     [
-        [f"From: <{SENDER}>", "this line is not a header field", "Subject: x"],
-        [" folded: continuation first", f"From: <{SENDER}>"],
-        [f"From: <{SENDER}>", "Bad Name: a space in the field name"],
-        [f"From: <{SENDER}>", ": no field name"],
-        [f"From: <{SENDER}>", "Subject: NUL \0 in a header"],
+        ([f"From: <{SENDER}>", "this line is not a header field", "Subject: x"], 1),
+        ([f"From: <{SENDER}>", "Bad Name: a space in the field name"], 1),
+        ([f"From: <{SENDER}>", ": no field name"], 1),
+        ([" folded: continuation first", f"From: <{SENDER}>"], 0),
     ],
-    ids=["no-colon", "starts-with-continuation", "space-in-name", "empty-name", "nul"],
+    ids=["no-colon", "space-in-name", "empty-name", "starts-with-continuation"],
 )
-async def test_unparseable_header_block_is_550_5_6_0(
-    relay: Relay, sink: Sink, block: list[str]
+@pytest.mark.parametrize("sender", [SENDER, "news@example.com"], ids=["transactional", "marketing"])
+async def test_non_field_line_starts_the_body_as_in_postfix(
+    relay: Relay, sink: Sink, keys: Keys, block: list[str], headers: int, sender: str
 ) -> None:
-    await assert_refused_message(relay, sink, build(*block), 550, "5.6.0")
+    """The first line that is not a header field starts the body (Postfix's rule); with no
+    header field at all, From is the envelope sender (as Postfix's cleanup adds it)."""
+    block = [line.replace(SENDER, sender) for line in block]
+    data = build(*block)
+    reply = await transact(relay.smtp_port, data, mail_from=sender)
+    assert (reply.code, reply.enhanced) == (250, "2.0.0"), reply
+    [got] = sink.handler.messages
+    assert_crlf_only(got.data)
+    first_body_line = block[headers].encode()
+    head, body = got.data.split(b"\r\n\r\n", 1)
+    assert body.startswith(first_body_line + b"\r\n"), got.data[:600]
+    assert body.endswith(b"Hello there.\r\n")
+    assert f"From: <{sender}>".encode() in head
+    assert dkim.verify(got.data, dnsfunc=keys.dnsfunc)  # signed over what was sent
+
+
+async def test_no_header_block_at_all_is_relayed_from_the_envelope_sender(
+    relay: Relay, sink: Sink, keys: Keys
+) -> None:
+    reply = await transact(relay.smtp_port, b"\r\njust a body, no header block\r\n")
+    assert (reply.code, reply.enhanced) == (250, "2.0.0"), reply
+    [got] = sink.handler.messages
+    head, body = got.data.split(b"\r\n\r\n", 1)
+    assert f"From: <{SENDER}>".encode() in head
+    assert body == b"just a body, no header block\r\n"
+    assert dkim.verify(got.data, dnsfunc=keys.dnsfunc)
+
+
+async def test_no_header_block_and_null_sender_is_550_5_6_0(relay: Relay, sink: Sink) -> None:
+    reply = await transact(relay.smtp_port, b"just a body\r\n", mail_from="")
+    assert (reply.code, reply.enhanced) == (550, "5.6.0"), reply
+    assert "From" in reply.text
+    assert sink.handler.messages == []
 
 
 # ---------------------------------------------------------------------------
@@ -580,6 +617,35 @@ async def test_smtp_smuggling_in_data_stays_one_message(relay: Relay, sink: Sink
     assert got.rcpt_tos == (RCPT,)
     assert_crlf_only(got.data)
     assert b"Subject: smuggled" in got.data  # still inside the one message's body
+    await assert_still_serves(relay, sink)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [b"last line\n.\n", b"last line\r\n\n.\n", b"last\n.\nQUIT\n"],
+    ids=["lf-dot-lf", "crlf-then-bare-lf-dot-lf", "command-after"],
+)
+async def test_bare_lf_data_terminator_is_answered_at_once(
+    make_relay: Any, config_dict: dict[str, Any], sink: Sink, ending: bytes
+) -> None:
+    """``<LF>.<LF>`` is not the end of data, and the client is not left waiting for the
+    idle timeout (60 s here): 521 5.5.2 at once, the connection closed, nothing relayed."""
+    config_dict["smtp"]["timeout"] = 60
+    relay = await make_relay(config_dict)
+    client = await RawSMTP.open(relay.smtp_port, timeout=10)
+    try:
+        await envelope(client)
+        assert (await client.command("DATA")).code == 354
+        await client.send(plain(body=b"") + ending)
+        reply = await client.reply()
+        assert (reply.code, reply.enhanced) == (521, "5.5.2"), reply
+        assert "bare <LF>" in reply.text
+        assert await client.closed_by_server(within=5)
+    finally:
+        await client.close()
+    await wait_idle(relay)
+    assert sink.handler.messages == []
+    assert rejected(relay, 521, "5.5.2") == 1
     await assert_still_serves(relay, sink)
 
 

@@ -80,7 +80,11 @@ async def test_webhook_retried_after_downtime_and_restart_exactly_once(
     secret = tmp_path / "hook.key"
     secret.write_bytes(SECRET)
     config_dict["events"] = {
-        "webhook": {"url": f"http://127.0.0.1:{receiver.port}/hook", "secret_file": str(secret)},
+        "webhook": {
+            "url": f"http://127.0.0.1:{receiver.port}/hook",
+            "secret_file": str(secret),
+            "timeout": 1,
+        },
         "retry_first_delay": 0.2,
         "retry_max_delay": 0.5,
     }

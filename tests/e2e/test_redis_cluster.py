@@ -307,7 +307,10 @@ async def test_retry_queue_on_cluster(
     holders = {p: k for p, k in redis_cluster.keys_by_node("ocr:{queue}*").items() if k}
     assert len(holders) == 1
     [(_, queue_keys)] = holders.items()
-    assert len(queue_keys) == 3  # the ZSET and two items
+    # the upstream's partition ZSET, the set of partitions, the message's one body, and
+    # two items (each only its own header block)
+    assert len(queue_keys) == 5, queue_keys
+    assert len([k for k in queue_keys if b":msg:" in k]) == 1
 
     del sink.handler.rcpt_replies[BOB], sink.handler.rcpt_replies[CAROL]
     for _ in range(100):
@@ -316,7 +319,8 @@ async def test_retry_queue_on_cluster(
         await asyncio.sleep(0.1)
     assert delivered_to(sink) == sorted([ALICE, BOB, CAROL])
     assert await relay.retry.list() == []
-    assert not any(redis_cluster.keys_by_node("ocr:{queue}*").values())
+    left = [k for keys in redis_cluster.keys_by_node("ocr:{queue}*").values() for k in keys]
+    assert left == [b"ocr:{queue}:upstreams"]  # only the names of the partitions stay
 
 
 async def test_patterns_on_cluster(relay: Relay, sink: Sink) -> None:
