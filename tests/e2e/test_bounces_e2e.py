@@ -722,13 +722,14 @@ async def test_retry_queue_final_refusal_is_counted(
     assert code == 250 and "queued 1" in text
     sink.handler.rcpt_replies["later@example.org"] = "550 5.1.1 gone meanwhile"
     assert brelay.store is not None
-    for _ in range(50):
-        if await brelay.store.entries("later@example.org"):
+    counted = 'oneclick_bounces_total{kind="hard",source="retry"} 1.0'
+    for _ in range(50):  # the entry is written before the metric: wait for both
+        if await brelay.store.entries("later@example.org") and metric(brelay, counted):
             break
         await asyncio.sleep(0.1)
     [entry] = await brelay.store.entries("later@example.org")
     assert (entry.reason, entry.source) == ("hard-bounce", "bounce")
-    assert metric(brelay, 'oneclick_bounces_total{kind="hard",source="retry"} 1.0')
+    assert metric(brelay, counted)
     assert (await counts(brelay, redis_url))["newsletter"]["hard-bounce"] == 1
 
 
