@@ -7,12 +7,32 @@ can all name these without importing each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 MessageClass = Literal["marketing", "transactional"]
 UnsubscribeScope = Literal["group", "sender", "all_marketing"]
 BounceKind = Literal["hard", "soft", "policy", "unknown"]
 BOUNCE_KINDS: tuple[BounceKind, ...] = ("hard", "soft", "policy", "unknown")
+Reason = Literal[
+    "user-unknown",
+    "host-unknown",
+    "mailbox-full",
+    "too-big",
+    "filtered",
+    "blocked",
+    "policy",
+    "suspended",
+    "expired",
+    "rate-limited",
+    "system-error",
+    "network-error",
+    "auto-reply",
+    "complaint",
+    "unknown",
+]
+REASONS: tuple[Reason, ...] = get_args(Reason)
+"""Why a delivery failed (``relay.feedback.reasons`` decides; thresholds count kinds)."""
+NOT_FAILURES: tuple[Reason, ...] = ("auto-reply", "complaint")
 
 
 @dataclass(frozen=True, slots=True)

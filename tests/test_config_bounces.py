@@ -26,7 +26,13 @@ def with_bounces(keys: Keys) -> dict[str, Any]:
         "timeout": 30,
         "accept_unsigned": True,
         "thresholds": {"hard": 2, "soft": 4, "unknown": "never", "policy": 10},
-        "classify": {"5.4.1": "hard", "4.7": "soft"},
+        "classify": {
+            "5.4.1": "hard",
+            "4.7": "soft",
+            "5.7.1": "blocked",
+            "Not our customer": "user-unknown",
+        },
+        "suppress_suspended": True,
     }
     raw["unsubscribe"] = {"mailto_domain": "unsub.example.com", "mailto_local_part": "leave"}
     return raw
@@ -41,7 +47,13 @@ def test_sections_parse(keys: Keys) -> None:
     assert (b.keep_days, b.max_message_size, b.timeout) == (14.0, 2 * MiB, 30.0)
     assert b.accept_unsigned is True
     assert b.thresholds == BounceThresholds(hard=2, soft=4, unknown=0, policy=10)
-    assert b.classify == (("5.4.1", "hard"), ("4.7", "soft"))
+    assert b.classify == (
+        ("5.4.1", "hard"),
+        ("4.7", "soft"),
+        ("5.7.1", "blocked"),
+        ("Not our customer", "user-unknown"),
+    )
+    assert b.suppress_suspended is True
     assert b.accepted_addresses() == ("rp@bounce.example.com", "fbl@example.com")
     assert config.unsubscribe.mailto_address == "leave@unsub.example.com"
 
@@ -52,6 +64,7 @@ def test_defaults(keys: Keys) -> None:
     assert (b.return_path_domain, b.listen, b.local_part) == (None, None, "bounces")
     assert b.thresholds == BounceThresholds(hard=1, soft=5, unknown=3, policy=0)
     assert (b.keep_days, b.accept_unsigned, b.classify) == (30.0, False, ())
+    assert b.suppress_suspended is False
     assert config.unsubscribe.mailto_address is None
 
 
@@ -83,6 +96,10 @@ def _set(raw: dict[str, Any], dotted: str, value: object) -> None:
         ("bounces/classify/5.1.x", "hard", "bounces.classify.5.1.x"),
         ("bounces/classify/5.1.1", "fatal", "bounces.classify.5.1.1"),
         ("bounces/classify/6.0.0", "hard", "bounces.classify.6.0.0"),
+        ("bounces/classify/ab", "hard", "bounces.classify.ab"),
+        ("bounces/classify/not our customer", "complaint", "bounces.classify.not our customer"),
+        ("bounces/classify/not our customer", "auto-reply", "bounces.classify.not our customer"),
+        ("bounces/suppress_suspended", "yes", "bounces.suppress_suspended"),
         ("bounces/bogus", 1, "bounces.bogus"),
         ("unsubscribe/mailto_domain", "-bad-.example", "unsubscribe.mailto_domain"),
         ("unsubscribe/mailto_local_part", "un sub", "unsubscribe.mailto_local_part"),

@@ -172,7 +172,9 @@ async def run_store_command(args: argparse.Namespace, config: Config) -> int:
         if args.command == "report":
             return await _report(stores.counters, args.days, args.group, args.json)
         if args.command == "inbound":
-            return await _inbound(stores.inbound, args.action, args.id, args.limit)
+            return await _inbound(
+                stores.inbound, config, args.action, args.id, args.limit, args.raw
+            )
         return await _suppress(args, stores.store)
 
 
@@ -199,7 +201,14 @@ async def ingest(config: Config, data: bytes, recipients: list[str]) -> int:
     return 0
 
 
-async def _inbound(records: InboundLog, action: str, inbound_id: str | None, limit: int) -> int:
+async def _inbound(
+    records: InboundLog,
+    config: Config,
+    action: str,
+    inbound_id: str | None,
+    limit: int,
+    raw: bool = False,
+) -> int:
     if action == "show":
         if not inbound_id:
             print("error: give the id that 'inbound list' prints", file=sys.stderr)
@@ -208,6 +217,10 @@ async def _inbound(records: InboundLog, action: str, inbound_id: str | None, lim
         if data is None:
             print(f"{inbound_id}: not kept (unknown, or older than bounces.keep_days)")
             return 1
+        if not raw:
+            record = await records.record(inbound_id)
+            print(inbound_reading(config, data, record.outcome if record else ""))
+            sys.stdout.flush()
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return 0
@@ -215,6 +228,41 @@ async def _inbound(records: InboundLog, action: str, inbound_id: str | None, lim
         text = [v or "-" for v in (r.source, r.kind, r.outcome)]
         print("\t".join([r.id, _time(int(r.received)), *text]))
     return 0
+
+
+def inbound_reading(config: Config, data: bytes, outcome: str) -> str:
+    """What ``inbound show`` prints above the message: per recipient the reason, the
+    evidence (which field or phrase decided) and the decision taken, for an audit."""
+    from relay.feedback.bounces import Classifier, parse, readings
+    from relay.feedback.intake import Addresses
+    from relay.mail.address import normalize_address
+    from relay.mail.verp import Verp
+
+    report = parse(data)
+    addresses = Addresses(config, Verp.from_config(config))
+    taken: dict[str, str] = {}
+    for item in outcome.split()[1:]:
+        parts = item.split(":")
+        if len(parts) >= 5:
+            taken[parts[0]] = parts[-1]
+    lines = [
+        f"# kind: {report.kind} (read by {report.detector or '-'})",
+        f"# outcome: {outcome or '-'}",
+    ]
+
+    def own(address: str) -> bool:
+        return addresses.role(address) is not None
+
+    for r in readings(report, Classifier.from_config(config.bounces), own):
+        decision = taken.get(normalize_address(r.recipient), "none (not attributed)")
+        if r.verdict in ("complaint", "ignored"):
+            decision = outcome.partition(" ")[0] or "-"
+        lines.append(
+            f"# recipient {r.recipient}: reason={r.reason} kind={r.verdict}"
+            f" status={r.status or '-'} decision={decision}"
+        )
+        lines.append(f"#   evidence: {r.evidence}")
+    return "\n".join(lines) + "\n#"
 
 
 async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:

@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     inbound.add_argument("action", choices=["list", "show"])
     inbound.add_argument("id", nargs="?", help="the id 'list' prints (for 'show')")
     inbound.add_argument("--limit", type=int, default=50)
+    inbound.add_argument(
+        "--raw", action="store_true", help="'show': only the message, without the reading"
+    )
 
     keygen = sub.add_parser("dkim-keygen", help="write a DKIM private key, print its DNS record")
     keygen.add_argument("--domain", required=True)

@@ -58,7 +58,7 @@ from relay.config.schema import (
     WebhookConfig,
 )
 from relay.errors import ConfigError
-from relay.model import BOUNCE_KINDS, BounceKind, MessageClass
+from relay.model import BOUNCE_KINDS, NOT_FAILURES, REASONS, MessageClass
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -731,15 +731,17 @@ def _read_bounces(s: _Section) -> BouncesConfig:
     )
     t.done()
     c = s.section("classify")
-    kind_choice = _choice(*BOUNCE_KINDS)
-    classify: list[tuple[str, BounceKind]] = []
+    value_choice = _choice(*BOUNCE_KINDS, *(r for r in REASONS if r not in NOT_FAILURES))
+    classify: list[tuple[str, str]] = []
     for code in list(c.raw):
         key = c.key(str(code))
         if not isinstance(code, str):
             raise ConfigError(key, 'quote the code: "5.7" (unquoted, YAML reads a number)')
-        if not _ENHANCED_PREFIX.match(code):
+        if code[:1].isdigit() and not _ENHANCED_PREFIX.match(code):
             raise ConfigError(key, 'expected an RFC 3463 code or prefix such as "5.1.1" or "5.7"')
-        classify.append((code, c.get(code, "unknown", kind_choice)))
+        if not code[:1].isdigit() and not 3 <= len(code.strip()) <= 200:
+            raise ConfigError(key, "expected a code prefix or a phrase of 3-200 characters")
+        classify.append((code, c.get(code, "unknown", value_choice)))
     c.done()
     feedback = tuple(_address(item, key).lower() for item, key in s.items("feedback_addresses"))
     networks = tuple(_network(item, key) for item, key in s.items("allowed_networks"))
@@ -766,6 +768,7 @@ def _read_bounces(s: _Section) -> BouncesConfig:
         ),
         audit_max_bytes=s.get("audit_max_bytes", d.audit_max_bytes, _size),
         digest_bytes=s.get("digest_bytes", d.digest_bytes, _int_range(0, 64 * 1024)),
+        suppress_suspended=s.get("suppress_suspended", d.suppress_suspended, _bool),
     )
     s.used.add("tls")
     s.done()

@@ -308,8 +308,11 @@ class BouncesConfig:
     accept_unsigned: bool = False
     """Also act on a recipient a report only states (no VERP code, no unsubscribe token)."""
     thresholds: BounceThresholds = BounceThresholds()
-    classify: tuple[tuple[str, BounceKind], ...] = ()
-    """Overrides of the enhanced-code table: (code prefix, kind), e.g. ("5.4.1", "hard")."""
+    classify: tuple[tuple[str, str], ...] = ()
+    """Overrides of the reason table: (code prefix or phrase, reason or kind), e.g.
+    ("5.4.1", "user-unknown"), ("4.7", "soft"), ("not our customer", "user-unknown")."""
+    suppress_suspended: bool = False
+    """A disabled / suspended mailbox counts as ``hard`` (suppressed at once), not ``soft``."""
 
     def accepted_addresses(self) -> tuple[str, ...]:
         """Exact addresses the listener takes (``local_part+…`` is matched separately)."""

@@ -32,6 +32,7 @@ from relay.config import Config
 from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
 from relay.feedback.bounces import (
+    Classification,
     Classifier,
     Inbound,
     RecipientReport,
@@ -116,7 +117,7 @@ class Intake:
         self._verp = verp
         self._metrics = metrics
         self._clock = clock
-        self._classifier = Classifier(config.bounces.classify)
+        self._classifier = Classifier.from_config(config.bounces)
         self.addresses = Addresses(config, verp)
         self._token_url = re.compile(
             re.escape(config.http.public_url) + r"/u/([A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,})"
@@ -178,6 +179,16 @@ class Intake:
         quoted = self._verp.find(report.text) if self._verp is not None else []
         tokens = [m.group(1) for m in islice(self._token_url.finditer(report.text), MAX_TOKENS)]
         return replace(report, text="", tokens=tuple(dict.fromkeys(tokens))), quoted
+
+    def explain(self, block: RecipientReport) -> Classification:
+        """The reason of one recipient's failure and the field or phrase that decided."""
+        return self._classifier.classify(block.status, block.diagnostic, final=block.final)
+
+    def _is_own(self, block: RecipientReport) -> bool:
+        """A report naming one of our own addresses as the failed recipient is not believed."""
+        return any(
+            self.addresses.role(a) is not None for a in (block.recipient, block.original) if a
+        )
 
     def _role(self, recipients: Sequence[str], report: Inbound) -> Role:
         """By the envelope; for a piped message without one, by where it says it went."""
@@ -264,9 +275,11 @@ class Intake:
     ) -> Result:
         if report.kind in ("auto-reply", "unrecognised"):
             return Result(inbound_id, report.kind, "ignored")
-        stated = [a for r in report.recipients for a in (r.recipient, r.original) if a]
+        blocks = tuple(r for r in report.recipients if not self._is_own(r))
+        stated = [a for r in blocks for a in (r.recipient, r.original) if a]
         if report.complaint is not None:
             stated += list(report.complaint.original_rcpt_to)
+            stated += [a for a in report.complaint.original_to if self.addresses.role(a) is None]
         try:
             claims = self._verp_claims(recipients, quoted, stated)
         except ForgedCode as exc:
@@ -276,15 +289,21 @@ class Intake:
         if report.complaint is not None:
             return await self._complaint(inbound_id, report, claims, token)
         done: list[str] = []
-        for who, block, verdict in self._attribute(report.recipients, claims, token):
-            done.append(f"{who.recipient}:{verdict}:{block.status}")
+        for who, block, verdict in self._attribute(blocks, claims, token):
+            why = self.explain(block)
             if verdict == "success":
                 await self._store.end_streak(who.recipient)
+                decision = "success"
             elif verdict == "delayed":
-                self._metrics.deferrals.labels(self._classifier.kind(block.status)).inc()
+                self._metrics.deferrals.labels(why.kind).inc()
+                decision = "delayed"
             else:
                 detail = f"mta={block.remote_mta or '-'}"
-                await self._feedback.failure(who, verdict, block.status, report.kind, detail)
+                counted = await self._feedback.failure(
+                    who, verdict, block.status, report.kind, detail, why.reason, why.evidence
+                )
+                decision = counted.decision
+            done.append(f"{who.recipient}:{verdict}:{block.status}:{why.reason}:{decision}")
         if not done:
             outcome = "forged" if self._verp_refs(recipients, quoted) else "unattributed"
             return Result(inbound_id, report.kind, outcome)
@@ -308,7 +327,10 @@ class Intake:
         elif token is not None:
             people = [Attribution(token.recipient, token.group, token.issued, "", "token")]
         elif self._bounces.accept_unsigned:
-            people = [Attribution(normalize_address(a)) for a in complaint.original_rcpt_to]
+            stated = complaint.original_rcpt_to or tuple(
+                a for a in complaint.original_to if self.addresses.role(a) is None
+            )
+            people = [Attribution(normalize_address(a), via="report") for a in stated[:1]]
         else:
             people = []
         if not people:
@@ -362,7 +384,7 @@ class Intake:
         rank = {"success": 1, "delayed": 0}
         chosen: dict[str, tuple[Attribution, RecipientReport, Verdict]] = {}
         for block in blocks:
-            verdict = self._classifier.verdict(block.action, block.status)
+            verdict = self._verdict(block)
             who = self._whom(block, claims, token, len(blocks))
             if who is None:
                 continue
@@ -370,6 +392,14 @@ class Intake:
             if old is None or rank.get(verdict, 2) > rank.get(old[2], 2):
                 chosen[who.recipient] = (who, block, verdict)
         return list(chosen.values())
+
+    def _verdict(self, block: RecipientReport) -> Verdict:
+        """A block's meaning: a success, a delay, or a final failure of some kind."""
+        if block.action in ("delivered", "relayed", "expanded") or block.status.startswith("2."):
+            return "success"
+        if block.action == "delayed":
+            return "delayed"
+        return self.explain(block).kind
 
     def _whom(
         self,

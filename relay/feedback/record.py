@@ -51,6 +51,13 @@ class FailureOutcome:
     threshold: int
     suppressed: bool
 
+    @property
+    def decision(self) -> str:
+        """``suppressed``, ``counted-2of5``, or ``counted-never`` (never suppresses)."""
+        if self.suppressed:
+            return "suppressed"
+        return f"counted-{self.count}of{self.threshold}" if self.threshold else "counted-never"
+
 
 class Feedback:
     def __init__(
@@ -72,6 +79,8 @@ class Feedback:
         status: str,
         source: str,
         detail: str = "",
+        reason: str = "",
+        evidence: str = "",
         *,
         entry_source: str = "bounce",
     ) -> FailureOutcome:
@@ -83,7 +92,10 @@ class Feedback:
         count = await self._store.record_failure(who.recipient, kind, who.sent, who.message)
         threshold = self._thresholds.of(kind)
         suppressed = bool(threshold) and count >= threshold
-        note = f"{status} {kind} {count}x via={who.via} msg={who.message or '-'} {detail}".strip()
+        why = f"reason={reason} " if reason else ""
+        note = (
+            f"{status} {kind} {why}{count}x via={who.via} msg={who.message or '-'} {detail}"
+        ).strip()
         if suppressed:
             if kind == "hard":
                 await self._store.add(
@@ -98,7 +110,9 @@ class Feedback:
             "bounce",
             rcpt=who.recipient,
             kind=kind,
+            reason=reason or "-",
             status=status,
+            evidence=evidence[:120] or "-",
             count=count,
             threshold=threshold or "never",
             suppressed=suppressed,

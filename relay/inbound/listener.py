@@ -43,7 +43,11 @@ class _Guarded(LimitedConnections):
     """Every reply line carries an RFC 3463 code; caps and networks checked at connect."""
 
     listener_name = "inbound"
-    line_length_limit = 1001  # RFC 5321 4.5.3.1.6: 1000 octets and the CRLF
+    line_length_limit = 1 << 20
+    """Octets per line. RFC 5321 (4.5.3.1.6) allows 1,000, but some MTAs write a whole
+    Diagnostic-Code or a base64 part unfolded, and refusing the bounce would lose it; the
+    line buffer stays bounded (1 MiB per connection, under the connection caps) and
+    ``bounces.max_message_size`` bounds the whole."""
     event_handler: InboundHandler
 
     async def push(self, status: str | bytes) -> None:

@@ -32,5 +32,7 @@ class RetryJudge:
                 who = Attribution(item.rcpt, claims.group, claims.sent, claims.message, "relay")
             except ForgedCode:
                 pass
-        kind = self._classifier.kind(reply.enhanced)
-        await self._feedback.failure(who, kind, reply.enhanced, "retry", reply.text)
+        why = self._classifier.classify(reply.enhanced, reply.text)
+        await self._feedback.failure(
+            who, why.kind, reply.enhanced, "retry", reply.text, why.reason, why.evidence
+        )

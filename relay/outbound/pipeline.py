@@ -141,7 +141,7 @@ class Pipeline:
         """``verp``: per-copy return paths; ``feedback``: judge the upstream's refusals."""
         self._verp = verp
         self._feedback = feedback
-        self._classifier = Classifier(config.bounces.classify)
+        self._classifier = Classifier.from_config(config.bounces)
         self._config = config
         self._policy = policy
         self._store = store
@@ -381,12 +381,15 @@ class Pipeline:
             for rcpt, reply in trace.replies.items():
                 if reply.stage != "rcpt" or reply.is_success:
                     continue
-                kind = self._classifier.kind(reply.enhanced)
+                kind = self._classifier.kind(reply.enhanced, reply.text)
                 if reply.is_temporary:
                     self._metrics.deferrals.labels(kind).inc()
                 elif self._feedback is not None:
                     who = Attribution(rcpt, group, self._clock(), trace.queue_id[:4], "relay")
-                    await self._feedback.failure(who, kind, reply.enhanced, "relay", reply.text)
+                    why = self._classifier.classify(reply.enhanced, reply.text)
+                    await self._feedback.failure(
+                        who, why.kind, reply.enhanced, "relay", reply.text, why.reason, why.evidence
+                    )
         except StoreUnavailable as exc:
             log.warning("bounce bookkeeping skipped", id=trace.queue_id, error=exc)
 

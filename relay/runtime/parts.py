@@ -261,6 +261,7 @@ def handling(config: Config, parts: Stores, metrics: Metrics) -> Handling:
         counters=parts.counters,
         ledger=parts.ledger,
         metrics=metrics,
+        classifier=Classifier.from_config(config.bounces),
     )
     return Handling(tokens, verp, feedback, unsubscriber, intake, esp)
 
@@ -309,5 +310,5 @@ def live(
         verp=handled.verp,
         feedback=handled.feedback,
     )
-    judge = RetryJudge(handled.feedback, Classifier(config.bounces.classify), handled.verp)
+    judge = RetryJudge(handled.feedback, Classifier.from_config(config.bounces), handled.verp)
     return Live(config, handled, policy, signer, upstream, pipeline, judge)

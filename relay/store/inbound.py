@@ -101,6 +101,19 @@ class InboundLog:
             value = await self._redis.hget(self._keys.inbound(inbound_id), "data")
         return cast(bytes | None, value)
 
+    async def record(self, inbound_id: str) -> InboundRecord | None:
+        """One message's received time, source, kind and outcome (None: not kept)."""
+        with unavailable("inbound show"):
+            row = await self._redis.hmget(
+                self._keys.inbound(inbound_id), "received", "source", "kind", "outcome"
+            )
+        received, source, kind, outcome = (
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else (v or "") for v in row
+        )
+        if not received:
+            return None
+        return InboundRecord(inbound_id, float(received), source, kind, outcome)
+
     async def recent(self, limit: int) -> Sequence[InboundRecord]:
         """The newest ``limit`` messages, newest first."""
         with unavailable("inbound list"):

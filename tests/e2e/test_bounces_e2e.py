@@ -151,11 +151,32 @@ CLASSES = [
     ("postfix-4.4.1-expired.eml", ALICE, None, "soft-bounce"),
     ("gmail-5.2.2-inbox-full.eml", "fulluser@gmail.com", None, "soft-bounce"),
     ("exim-5.2.2-mailbox-full.eml", "heidi@example.org", None, "soft-bounce"),
-    ("yahoo-failure-notice.eml", "carol@yahoo.com", None, "unknown-bounce"),
+    ("yahoo-failure-notice.eml", "carol@yahoo.com", "hard-bounce", "hard-bounce"),
     ("postfix-outlook-5.7.1-blocklist.eml", "frank@outlook.com", None, "policy-bounce"),
     ("postfix-gmail-5.7.26-unauthenticated.eml", "erin@gmail.com", None, "policy-bounce"),
     ("postfix-yahoo-5.7.9-policy.eml", "grace@yahoo.com", None, "policy-bounce"),
     ("postfix-delayed-warning.eml", ALICE, None, None),
+    # by reason, whatever the Status says
+    ("postfix-blocked-status-5.1.1.eml", "dot@example.org", None, "policy-bounce"),
+    ("postfix-filtered-recipient-preferences.eml", "eli@example.org", None, "policy-bounce"),
+    ("postfix-suspended-5.2.1.eml", "fay@example.org", None, "soft-bounce"),
+    ("postfix-failed-4.1.1-user-unknown.eml", "gus@example.org", "hard-bounce", "hard-bounce"),
+    ("postfix-null-mx.eml", "bea@nullmx.example", "hard-bounce", "hard-bounce"),
+    ("postfix-host-unknown.eml", "ann@no-such-domain.example", "hard-bounce", "hard-bounce"),
+    ("postfix-too-big.eml", "cid@example.org", None, "policy-bounce"),
+    # formats without a DSN or with a broken one
+    ("exchange2003-unknown-recipient.eml", "eve@example.org", "hard-bounce", "hard-bounce"),
+    ("domino-user-unknown.eml", "dee@example.org", "hard-bounce", "hard-bounce"),
+    ("qmail-user-unknown.eml", "gil@example.org", "hard-bounce", "hard-bounce"),
+    ("dma-user-unknown.eml", "val@example.org", "hard-bounce", "hard-bounce"),
+    ("sendmail-v5-user-unknown.eml", "wes@example.org", "hard-bounce", "hard-bounce"),
+    ("workmail-user-unknown.eml", "yan@example.org", "hard-bounce", "hard-bounce"),
+    ("opensmtpd-user-unknown.eml", "zed@example.org", "hard-bounce", "hard-bounce"),
+    ("qp-text-dsn-user-unknown.eml", "abe@example.org", "hard-bounce", "hard-bounce"),
+    ("ezweb-mailbox-full.eml", "taro@ezweb.ne.jp", None, "soft-bounce"),
+    ("rfc3464-broken-boundary-expired.eml", "cal@host.example.edu", None, "soft-bounce"),
+    # a Diagnostic-Code of 1,300 octets on one line: the listener takes it
+    ("postfix-long-line-user-unknown.eml", "sue@example.org", "hard-bounce", "hard-bounce"),
 ]
 
 
@@ -330,6 +351,55 @@ async def test_rfc5965_report_with_only_original_rcpt_to(
     else:
         assert "unattributed" in text
         assert entries == []
+
+
+async def test_complaint_without_original_rcpt_to_by_the_returned_original(
+    make_relay: Any, bounce_config: dict[str, Any], sink: Sink
+) -> None:
+    relay = await make_relay(bounce_config)
+    copy = await newsletter(relay, sink, "quinn@yahoo.com")
+    # our VERP return path in the returned original's Return-Path names him
+    data = bounce("arf-no-rcpt-to-complaint.eml", copy.mail_from)
+    code, text = await deliver(relay, "fbl@example.com", data)
+    assert (code, text.split(" id=")[0]) == (250, "2.0.0 Ok: processed")
+    assert [e.reason for e in await relay.store.entries("quinn@yahoo.com")] == ["complaint"]
+
+
+@pytest.mark.parametrize("accept_unsigned", [False, True])
+async def test_complaint_without_original_rcpt_to_by_the_originals_to(
+    make_relay: Any, bounce_config: dict[str, Any], accept_unsigned: bool
+) -> None:
+    """No VERP code, no token: only the returned original's To, if unsigned is trusted."""
+    bounce_config["bounces"]["accept_unsigned"] = accept_unsigned
+    relay = await make_relay(bounce_config)
+    data = (SAMPLES / "arf-no-rcpt-to-complaint.eml").read_bytes()
+    data = data.replace(b"Return-Path: <bounces@bounce.example.com>\r\n", b"")
+    code, text = await deliver(relay, "fbl@example.com", data)
+    assert code == 250
+    entries = await relay.store.entries("quinn@yahoo.com")
+    if accept_unsigned:
+        assert "processed" in text
+        assert [e.reason for e in entries] == ["complaint"]
+    else:
+        assert "unattributed" in text
+        assert entries == []
+
+
+@pytest.mark.parametrize(
+    "sample",
+    ["provider-message-id-not-a-recipient.eml", "own-address-not-a-recipient.eml"],
+)
+async def test_never_the_message_id_the_sender_or_our_own_address(
+    make_relay: Any, bounce_config: dict[str, Any], sample: str
+) -> None:
+    bounce_config["bounces"]["accept_unsigned"] = True
+    relay = await make_relay(bounce_config)
+    data = (SAMPLES / sample).read_bytes()
+    code, _ = await deliver(relay, "fbl@example.com", data)
+    assert code == 250
+    for address in ("news@example.com", "bounces@bounce.example.com", "fbl@example.com"):
+        assert await relay.store.entries(address) == []
+    assert not [a for a in await relay.store.entries("c0rpus099.news@example.com")]
 
 
 # ---------------------------------------------------------------------------
@@ -593,8 +663,17 @@ async def test_ingest_report_and_audit_from_the_command_line(
     assert any(
         line.startswith(inbound_id) and "\tingest\tdsn\tprocessed" in line for line in listing
     )
-    shown = cli("inbound", "-c", cfg, "show", inbound_id)
-    assert shown.stdout == dsn
+    raw = cli("inbound", "-c", cfg, "show", inbound_id, "--raw")
+    assert raw.stdout == dsn
+    shown = cli("inbound", "-c", cfg, "show", inbound_id).stdout
+    assert shown.endswith(dsn)
+    reading = shown[: -len(dsn)].decode()
+    assert "# kind: dsn (read by rfc3464)" in reading
+    assert (
+        f"# recipient {ALICE}: reason=user-unknown kind=hard status=5.1.1 decision=suppressed"
+        in reading
+    )
+    assert '#   evidence: phrase "user unknown" (dsn)' in reading
 
 
 async def test_ingest_with_redis_down_asks_the_mta_to_retry(
@@ -641,13 +720,14 @@ async def test_retry_queue_final_refusal_is_counted(
     assert code == 250 and "queued 1" in text
     sink.handler.rcpt_replies["later@example.org"] = "550 5.1.1 gone meanwhile"
     assert brelay.store is not None
-    for _ in range(50):
-        if await brelay.store.entries("later@example.org"):
+    counted = 'oneclick_bounces_total{kind="hard",source="retry"} 1.0'
+    for _ in range(50):  # the entry is written before the metric: wait for both
+        if await brelay.store.entries("later@example.org") and metric(brelay, counted):
             break
         await asyncio.sleep(0.1)
     [entry] = await brelay.store.entries("later@example.org")
     assert (entry.reason, entry.source) == ("hard-bounce", "bounce")
-    assert metric(brelay, 'oneclick_bounces_total{kind="hard",source="retry"} 1.0')
+    assert metric(brelay, counted)
     assert (await counts(brelay, redis_url))["newsletter"]["hard-bounce"] == 1
 
 

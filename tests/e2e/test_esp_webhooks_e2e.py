@@ -464,3 +464,20 @@ async def test_sns_subscription_is_confirmed_for_allowed_topics_only(
         await runner.cleanup()
         await sns_runner.cleanup()
     assert hits == ["/confirm?Token=tok"]
+
+
+async def test_provider_hard_bounce_that_names_a_block_never_suppresses(esp_relay: Relay) -> None:
+    """The provider says "HardBounce"; the words say our IP is blocked: policy, as in a DSN."""
+    hard = json.loads((DATA / "postmark-hardbounce.json").read_bytes())
+    for n in range(3):
+        for who, details in (
+            ("blocked@example.net", "smtp;550 5.7.1 Client host [192.0.2.10] blocked using zen"),
+            ("gone@example.net", "smtp;550 5.1.1 The email account does not exist."),
+        ):
+            body = dict(hard, ID=hard["ID"] - 10 * n - len(who), Email=who, Details=details)
+            status, _ = await post(
+                esp_relay, "postmark", json.dumps(body).encode(), basic(POSTMARK_AUTH)
+            )
+            assert status == 200
+    assert await entries(esp_relay, "blocked@example.net") == set()
+    assert await entries(esp_relay, "gone@example.net") == {("*", "hard-bounce", "esp:postmark")}

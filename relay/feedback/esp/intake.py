@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
 from relay.feedback.esp.events import EspEvent
+from relay.feedback.reasons import Classifier
 from relay.feedback.record import Attribution, Feedback
 from relay.mail.address import normalize_address
 from relay.mail.tokens import TokenClaims, TokenError
@@ -47,7 +48,11 @@ class EspIntake:
         counters: DailyCounters,
         ledger: Ledger,
         metrics: Metrics,
+        classifier: Classifier | None = None,
     ) -> None:
+        """``classifier``: the reason table, so that a provider's "permanent" bounce that
+        says ``550 5.7.1 … blocked`` counts as policy, as the same words in a DSN do."""
+        self._classifier = classifier
         self._feedback = feedback
         self._store = store
         self._unsubscriber = unsubscriber
@@ -102,8 +107,20 @@ class EspIntake:
         who = Attribution(recipient, group or "-", claims.issued if claims else None, "", "esp")
         detail = event.detail[:300]
         if event.meaning in ("hard", "soft", "unknown", "policy"):
+            kind, reason, evidence = event.meaning, "", f"provider {event.provider}"
+            if self._classifier is not None and event.meaning != "policy":
+                why = self._classifier.classify(event.status, event.detail)
+                if why.specific:  # the words or a specific code say more than the provider
+                    kind, reason, evidence = why.kind, why.reason, why.evidence
             await self._feedback.failure(
-                who, event.meaning, event.status or "-", source, detail, entry_source=source
+                who,
+                kind,
+                event.status or "-",
+                source,
+                detail,
+                reason,
+                evidence,
+                entry_source=source,
             )
         elif event.meaning == "suppressed":
             # the provider will not send to it again: suppress at once, whatever the threshold
