@@ -246,6 +246,32 @@ async def test_a_port_in_use_is_one_line_exit_1_and_leaves_no_embedded_redis(
     await assert_nothing_left(proc.pid)
 
 
+async def test_workers_and_their_embedded_redis_all_stop_on_sigterm(
+    config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    del config_dict["redis"]
+    config_dict["smtp"]["workers"] = 2
+    smtp = free_port()
+    config_dict["smtp"]["listen"] = f"127.0.0.1:{smtp}"
+    config_dict["http"]["listen"] = f"127.0.0.1:{free_port()}"
+    path = write_yaml(tmp_path / "relay.yaml", config_dict)
+    log = tmp_path / "relay.log"
+    proc = start_in_group(["serve", "-c", str(path)], log)
+    try:
+        for _ in range(300):
+            if log.read_text().count("relay started") == 2 or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert log.read_text().count("relay started") == 2, log.read_text()
+        assert len(group_members(proc.pid)) == 4  # supervisor, two workers, Redis
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    await assert_nothing_left(proc.pid)
+
+
 async def test_an_unloadable_certificate_is_one_line_exit_2_before_anything_starts(
     config_dict: dict[str, Any], tmp_path: Path
 ) -> None:
