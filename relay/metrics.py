@@ -101,7 +101,8 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "oneclick_redis_errors",
-            "Suppression lookups that failed, by what was done (tempfail, deliver).",
+            "Redis calls on the send path that failed, by what was done (tempfail, deliver,"
+            " mailto-without-code).",
             ["action"],
             registry=r,
         )

@@ -24,6 +24,7 @@ from relay.config.schema import (
     DEFAULT_CONFIG_ENV,
     DEFAULT_TOKEN_MAX_AGE_DAYS,
     ESP_PROVIDERS,
+    MAX_MAILTO_LOCAL_PART,
     BouncesConfig,
     BounceThresholds,
     Config,
@@ -524,6 +525,12 @@ def _mailto(value: object, key: str) -> str:
     text = _str(value, key).removeprefix("mailto:")
     if not re.fullmatch(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+", text):
         raise ConfigError(key, "expected a plain address such as unsubscribe@example.com")
+    if len(text.rpartition("@")[0]) > MAX_MAILTO_LOCAL_PART:
+        raise ConfigError(
+            key,
+            f"local part longer than {MAX_MAILTO_LOCAL_PART} characters: no room for the"
+            " unsubscribe code within 64 octets",
+        )
     return text
 
 

@@ -307,10 +307,15 @@ class BouncesConfig:
         return own + self.feedback_addresses
 
 
+MAX_MAILTO_LOCAL_PART = 64 - 1 - 16
+"""A mailto address's local part leaves room for ``+<code>`` (``relay.mail.mailto``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class UnsubscribeConfig:
     mailto_domain: str | None = None
-    """Set: marketing mail also offers ``<mailto:LOCAL@DOMAIN?subject=unsubscribe%20TOKEN>``."""
+    """Set: marketing mail also offers ``<mailto:LOCAL+CODE@DOMAIN?subject=unsubscribe%20TOKEN>``
+    (``relay.mail.mailto``: the code alone names recipient and group, as Apple Mail needs)."""
     mailto_local_part: str = "unsubscribe"
 
     @property

@@ -41,6 +41,7 @@ from relay.feedback.bounces import (
 )
 from relay.feedback.record import Attribution, Feedback
 from relay.mail.address import normalize_address
+from relay.mail.mailto import code_in
 from relay.mail.tokens import TokenClaims, TokenError
 from relay.mail.verp import ForgedCode, Verp, VerpClaims, VerpRef
 from relay.metrics import Metrics
@@ -83,7 +84,8 @@ class Addresses:
         normalized = normalize_address(address)
         local, _, domain = normalized.rpartition("@")
         plain = f"{local.split('+', 1)[0]}@{domain}"
-        if normalized in self._unsubscribe or plain in self._unsubscribe:
+        coded = f"{local.rsplit('+', 1)[0]}@{domain}"
+        if {normalized, plain, coded} & self._unsubscribe:
             return "unsubscribe"
         if normalized in self._feedback or (self._verp is not None and self._verp.is_own(address)):
             return "bounce"
@@ -224,20 +226,41 @@ class Intake:
     # -- mailto unsubscribe ----------------------------------------------------
 
     async def _mailto(self, inbound_id: str, report: Inbound, recipients: Sequence[str]) -> Result:
+        """By the code in the address (any Subject, body, From or Auto-Submitted), else a token.
+
+        Apple Mail's request has an empty Subject, a stock body and ``Auto-Submitted:
+        auto-replied``: the address it was sent to is all there is to go by.
+        """
+        addresses = (*recipients, *report.addressed_to)
+        code = next((c for a in addresses if (c := code_in(a)) is not None), None)
         token = token_in_subject(report.subject)
-        for address in (*recipients, *report.addressed_to):
+        for address in addresses:
             m = _TOKEN_LOCAL.match(address)
             if token is None and m is not None:
                 token = m.group(1)
-        if token is None:
+        if code is None and token is None:
             return Result(inbound_id, "mailto", "no-token")
+        via = "code" if code is not None else "token"
         try:
-            done = await self._unsubscriber.unsubscribe(token, "mailto")
+            if code is not None:
+                done = await self._unsubscriber.unsubscribe_code(code, "mailto")
+            else:
+                assert token is not None
+                done = await self._unsubscriber.unsubscribe(token, "mailto")
         except TokenError as exc:
-            return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
+            if token is None or code is None:
+                return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
+            try:  # a code that expired, beside a token in the Subject that did not
+                done = await self._unsubscriber.unsubscribe(token, "mailto")
+                via = "token"
+            except TokenError:
+                return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
         claims = done.claims
         return Result(
-            inbound_id, "mailto", "processed", f"rcpt={claims.recipient} group={claims.group}"
+            inbound_id,
+            "mailto",
+            "processed",
+            f"rcpt={claims.recipient} group={claims.group} via={via}",
         )
 
     # -- bounces and complaints ------------------------------------------------

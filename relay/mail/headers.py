@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
 from relay.config import GroupConfig
+from relay.mail.mailto import with_code
 from relay.mail.message import Header, Message
 
 LIST_HEADERS = ("list-unsubscribe", "list-unsubscribe-post")
@@ -21,16 +22,23 @@ def unsubscribe_url(public_url: str, token: str) -> str:
 
 
 def one_click_headers(
-    url: str, group: GroupConfig | None, token: str, mailto: str | None = None
+    url: str,
+    group: GroupConfig | None,
+    token: str,
+    mailto: str | None = None,
+    code: str | None = None,
 ) -> list[Header]:
-    """``List-Unsubscribe`` (HTTPS first, then mailto) and ``-Post``.
+    """``List-Unsubscribe`` (HTTPS first: Gmail takes the first, then mailto) and ``-Post``.
 
     The mailto address is the group's own (``policy.groups.*.mailto``), else ``mailto``
-    (``unsubscribe.mailto_domain``); the token goes in the subject either way.
+    (``unsubscribe.mailto_domain``). The ``code`` goes in its local part, which is all
+    Apple Mail sends; the token stays in the subject for clients that keep it.
     """
     uris = [f"<{url}>"]
-    address = group.mailto if group is not None and group.mailto else mailto
+    address = mailto_address(group, mailto)
     if address:
+        if code is not None:
+            address = with_code(address, code)
         uris.append(f"<mailto:{address}?subject=unsubscribe%20{token}>")
     fields = [
         Header.build("List-Unsubscribe", ", ".join(uris)),
@@ -39,6 +47,11 @@ def one_click_headers(
     if group is not None and group.list_id:
         fields.append(Header.build("List-Id", group.list_id))
     return fields
+
+
+def mailto_address(group: GroupConfig | None, mailto: str | None) -> str | None:
+    """The group's own mailto address, else the relay's (``unsubscribe.mailto_domain``)."""
+    return group.mailto if group is not None and group.mailto else mailto
 
 
 def app_https_unsubscribe(message: Message) -> str | None:

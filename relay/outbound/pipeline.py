@@ -41,6 +41,7 @@ from relay.model import Envelope, Route
 from relay.outbound.policy import Policy
 from relay.outbound.retry import RetryQueue
 from relay.outbound.upstream import Outbound, Upstream
+from relay.suppression.mailto import MailtoCodes
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import Lookup, SuppressionStore
 
@@ -118,9 +119,12 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         verp: Verp | None = None,
         feedback: Feedback | None = None,
+        mailto: MailtoCodes | None = None,
     ) -> None:
-        """``verp``: per-copy return paths; ``feedback``: judge the upstream's refusals."""
+        """``verp``: per-copy return paths; ``feedback``: judge the upstream's refusals;
+        ``mailto``: the codes in the mailto unsubscribe address."""
         self._verp = verp
+        self._mailto = mailto
         self._feedback = feedback
         self._classifier = Classifier(config.bounces.classify)
         self._config = config
@@ -288,8 +292,9 @@ class Pipeline:
                     )
             trace.signed = ",".join(f"{k.selector}/{k.algorithm}" for k in keys) or "unsigned"
             bh = body_hash(base.body) if keys else b""
+            codes = await self._mailto_codes(base, kept, route, trace.queue_id)
             copies = self._copies(
-                base, kept, route, keys, bh, envelope.mail_from, trace.queue_id, split_shared
+                base, kept, route, keys, bh, envelope.mail_from, trace.queue_id, split_shared, codes
             )
         return _Prepared(route, lookup, copies, message.headers)
 
@@ -358,6 +363,28 @@ class Pipeline:
             append=headers.missing_defaults(message, hostname, now),
         )
 
+    async def _mailto_codes(
+        self, base: Message, rcpts: tuple[str, ...], route: Route, queue_id: str
+    ) -> dict[str, str]:
+        """Each marketing recipient's mailto code, stored in one round trip.
+
+        Without Redis the copies still go out, their mailto address without a code
+        (the token in its subject still works where the client keeps the subject).
+        """
+        if self._mailto is None or not route.is_marketing or self._keeps_app(base, route):
+            return {}
+        group_name = route.group or self._policy.config.default_group
+        group = self._policy.config.groups.get(group_name)
+        if headers.mailto_address(group, self._config.unsubscribe.mailto_address) is None:
+            return {}
+        sender = route.sender if route.unsubscribe_scope == "sender" else None
+        try:
+            return await self._mailto.issue(rcpts, group_name, route.unsubscribe_scope, sender)
+        except StoreUnavailable as exc:
+            self._metrics.redis_errors.labels("mailto-without-code").inc()
+            log.warning("mailto codes not stored", id=queue_id, error=exc)
+            return {}
+
     @staticmethod
     def _keeps_app(message: Message, route: Route) -> bool:
         return route.keep_app_unsubscribe and headers.app_https_unsubscribe(message) is not None
@@ -372,6 +399,7 @@ class Pipeline:
         mail_from: str,
         queue_id: str,
         split_shared: bool = True,
+        codes: dict[str, str] | None = None,
     ) -> Iterator[_Copy]:
         """The signed copies to send, built one at a time as the delivery workers ask.
 
@@ -404,7 +432,7 @@ class Pipeline:
             token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
             url = headers.unsubscribe_url(public_url, token)
             fields = headers.one_click_headers(
-                url, group, token, self._config.unsubscribe.mailto_address
+                url, group, token, self._config.unsubscribe.mailto_address, (codes or {}).get(rcpt)
             )
             personal = base.replace(prepend=fields)
             return_path = self._return_path(mail_from, rcpt, group_name, queue_id)

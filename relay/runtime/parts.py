@@ -52,6 +52,7 @@ from relay.store.embedded import EmbeddedRedis, EmbeddedRedisError
 from relay.store.inbound import InboundLog
 from relay.store.keys import Keys
 from relay.store.ledger import Ledger
+from relay.suppression.mailto import MailtoCodes
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionPolicy, SuppressionStore
 from relay.suppression.unsubscribe import Unsubscriber
@@ -212,13 +213,16 @@ class Handling:
     intake: Intake
     esp: EspIntake
     """ESP webhook events (``esp_webhooks``)."""
+    mailto: MailtoCodes
+    """The codes in the mailto unsubscribe address: issued by the pipeline, read by intake."""
 
 
 def handling(config: Config, parts: Stores, metrics: Metrics) -> Handling:
     tokens = TokenCodec(config.tokens)
     verp = Verp.from_config(config)
     feedback = Feedback(parts.store, config.bounces.thresholds, parts.counters, metrics)
-    unsubscriber = Unsubscriber(tokens, parts.store, config.policy, metrics, parts.counters)
+    mailto = MailtoCodes.from_config(config, parts.redis)
+    unsubscriber = Unsubscriber(tokens, parts.store, config.policy, metrics, parts.counters, mailto)
     intake = Intake(
         config=config,
         records=parts.inbound,
@@ -236,7 +240,7 @@ def handling(config: Config, parts: Stores, metrics: Metrics) -> Handling:
         ledger=parts.ledger,
         metrics=metrics,
     )
-    return Handling(tokens, verp, feedback, unsubscriber, intake, esp)
+    return Handling(tokens, verp, feedback, unsubscriber, intake, esp, mailto)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +286,7 @@ def live(
         counters=parts.counters,
         verp=handled.verp,
         feedback=handled.feedback,
+        mailto=handled.mailto,
     )
     judge = RetryJudge(handled.feedback, Classifier(config.bounces.classify), handled.verp)
     return Live(config, handled, policy, signer, upstream, pipeline, judge)

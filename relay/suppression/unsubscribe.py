@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from relay.config import PolicyConfig
 from relay.eventlog import EventLog
-from relay.mail.tokens import TokenClaims, TokenCodec
+from relay.mail.tokens import MalformedToken, TokenClaims, TokenCodec
 from relay.metrics import Metrics
+from relay.suppression.mailto import MailtoCodes
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionStore, scopes_for_unsubscribe
 
@@ -35,8 +36,10 @@ class Unsubscriber:
         policy: PolicyConfig,
         metrics: Metrics,
         counters: DailyCounters,
+        mailto: MailtoCodes | None = None,
     ) -> None:
         self._counters = counters
+        self._mailto = mailto
         self._tokens = tokens
         self._store = store
         self._policy = policy
@@ -60,6 +63,24 @@ class Unsubscriber:
         """Write the suppression; the time taken is the dashboard's click-to-suppression."""
         started = time.perf_counter()
         claims = self._tokens.verify(token)
+        return await self._apply(claims, channel, started, user_agent, client)
+
+    async def unsubscribe_code(self, code: str, channel: str) -> Unsubscribed:
+        """The same for a mailto code (``relay.mail.mailto``); raises ``TokenError``."""
+        started = time.perf_counter()
+        if self._mailto is None:
+            raise MalformedToken("mailto codes are not configured")
+        claims = await self._mailto.resolve(code)
+        return await self._apply(claims, channel, started)
+
+    async def _apply(
+        self,
+        claims: TokenClaims,
+        channel: str,
+        started: float,
+        user_agent: str = "",
+        client: str = "",
+    ) -> Unsubscribed:
         scope = scopes_for_unsubscribe(claims.scope, claims.group, claims.sender)
         detail = f"ua={user_agent[:120]!r} ip={self._tokens.fingerprint(client)}" if client else ""
         new = await self._store.add(
