@@ -106,6 +106,13 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.body_links = Counter(
+            "oneclick_body_links",
+            "Marketing messages by where each recipient's unsubscribe URL went in the body"
+            " (placeholder, footer, none).",
+            ["outcome"],
+            registry=r,
+        )
         self.unsubscribes = Counter(
             "oneclick_unsubscribes",
             "Unsubscribe requests honoured, by group and channel.",

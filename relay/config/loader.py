@@ -22,6 +22,9 @@ import yaml
 
 from relay.config.schema import (
     DEFAULT_CONFIG_ENV,
+    DEFAULT_FOOTER_HTML,
+    DEFAULT_FOOTER_TEXT,
+    DEFAULT_PLACEHOLDER,
     DEFAULT_TOKEN_MAX_AGE_DAYS,
     ESP_PROVIDERS,
     MAX_MAILTO_LOCAL_PART,
@@ -707,10 +710,33 @@ def _read_inbound_tls(s: _Section) -> SmtpTlsConfig:
     return cfg
 
 
+def _placeholder(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not re.fullmatch(r"[\x21-\x7e]{3,64}", text):
+        raise ConfigError(key, "expected 3-64 printable ASCII characters, e.g. %unsubscribe_url%")
+    return text
+
+
 def _read_unsubscribe(s: _Section) -> UnsubscribeConfig:
+    placeholder = s.get("placeholder", DEFAULT_PLACEHOLDER, _placeholder)
+
+    def footer(value: object, key: str) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(key, "expected a string")
+        text = value  # not stripped: leading and trailing line breaks are the operator's
+        if placeholder not in text:
+            raise ConfigError(key, f"must contain the placeholder {placeholder}")
+        return text.replace("\r\n", "\n").replace("\n", "\r\n")
+
+    default_text = DEFAULT_FOOTER_TEXT.replace(DEFAULT_PLACEHOLDER, placeholder)
+    default_html = DEFAULT_FOOTER_HTML.replace(DEFAULT_PLACEHOLDER, placeholder)
     cfg = UnsubscribeConfig(
         mailto_domain=s.get("mailto_domain", None, _domain),
         mailto_local_part=s.get("mailto_local_part", "unsubscribe", _local_part),
+        placeholder=placeholder,
+        footer=s.get("footer", False, _bool),
+        footer_text=s.get("footer_text", default_text, footer),
+        footer_html=s.get("footer_html", default_html, footer),
     )
     s.done()
     return cfg

@@ -307,6 +307,9 @@ class BouncesConfig:
         return own + self.feedback_addresses
 
 
+DEFAULT_PLACEHOLDER = "%unsubscribe_url%"
+DEFAULT_FOOTER_TEXT = "\r\n\r\nTo unsubscribe: %unsubscribe_url%\r\n"
+DEFAULT_FOOTER_HTML = '<p style="font-size:small"><a href="%unsubscribe_url%">Unsubscribe</a></p>'
 MAX_MAILTO_LOCAL_PART = 64 - 1 - 16
 """A mailto address's local part leaves room for ``+<code>`` (``relay.mail.mailto``)."""
 
@@ -317,6 +320,12 @@ class UnsubscribeConfig:
     """Set: marketing mail also offers ``<mailto:LOCAL+CODE@DOMAIN?subject=unsubscribe%20TOKEN>``
     (``relay.mail.mailto``: the code alone names recipient and group, as Apple Mail needs)."""
     mailto_local_part: str = "unsubscribe"
+    placeholder: str = DEFAULT_PLACEHOLDER
+    """Replaced in marketing mail's text parts by each recipient's https URL."""
+    footer: bool = False
+    """Append ``footer_text`` / ``footer_html`` when a marketing message has no placeholder."""
+    footer_text: str = DEFAULT_FOOTER_TEXT
+    footer_html: str = DEFAULT_FOOTER_HTML
 
     @property
     def mailto_address(self) -> str | None:

@@ -109,7 +109,7 @@ class Message:
             raise MessageError("NUL byte in header block")
         if len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE:
             raise MessageError(f"line longer than {MAX_LINE} octets (RFC 5322 2.1.1)")
-        return cls(tuple(_split_fields(block)), body)
+        return cls(tuple(split_fields(block)), body)
 
     def get_all(self, name: str) -> list[Header]:
         lname = name.lower()
@@ -131,6 +131,10 @@ class Message:
         kept = tuple(h for h in self.headers if h.lname not in drop) if drop else self.headers
         return Message((*prepend, *kept, *append), self.body)
 
+    def with_body(self, body: bytes) -> Message:
+        """The same fields over another body (CRLF line endings, as ``parse`` makes them)."""
+        return Message(self.headers, body)
+
     def header_bytes(self) -> bytes:
         return b"".join(h.raw for h in self.headers)
 
@@ -138,7 +142,7 @@ class Message:
         return self.header_bytes() + b"\r\n" + self.body
 
 
-def _split_fields(block: bytes) -> list[Header]:
+def split_fields(block: bytes) -> list[Header]:
     fields: list[Header] = []
     lines = block.split(b"\r\n")[:-1]
     current: list[bytes] = []

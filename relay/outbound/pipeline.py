@@ -32,6 +32,7 @@ from relay.feedback.bounces import Classifier
 from relay.feedback.record import Attribution, Feedback
 from relay.mail import headers
 from relay.mail.address import domain_of
+from relay.mail.body import BodyLinks, Footer
 from relay.mail.dkim import DkimKey, Signer, body_hash
 from relay.mail.message import Header, Message, from_address
 from relay.mail.tokens import TokenCodec
@@ -86,6 +87,16 @@ class InPlace:
     discard: bool = False
     original: tuple[Header, ...] = ()
     """The header block as the MTA handed it over, parsed once: what ``headers`` replaces."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Personal:
+    """Per-recipient parts of a marketing copy, prepared once per message."""
+
+    codes: dict[str, str] = field(default_factory=dict)
+    """Each recipient's mailto code (``relay.mail.mailto``); empty without mailto."""
+    links: BodyLinks | None = None
+    """The body with slots for the recipient's URL; None: the body is shared."""
 
 
 @dataclass(slots=True)
@@ -292,9 +303,18 @@ class Pipeline:
                     )
             trace.signed = ",".join(f"{k.selector}/{k.algorithm}" for k in keys) or "unsigned"
             bh = body_hash(base.body) if keys else b""
-            codes = await self._mailto_codes(base, kept, route, trace.queue_id)
+            # milter mode: the MTA keeps its own body for the kept copy, so no body rewrite
+            personal = await self._personal(base, kept, route, trace.queue_id, split_shared)
             copies = self._copies(
-                base, kept, route, keys, bh, envelope.mail_from, trace.queue_id, split_shared, codes
+                base,
+                kept,
+                route,
+                keys,
+                bh,
+                envelope.mail_from,
+                trace.queue_id,
+                split_shared,
+                personal,
             )
         return _Prepared(route, lookup, copies, message.headers)
 
@@ -363,6 +383,29 @@ class Pipeline:
             append=headers.missing_defaults(message, hostname, now),
         )
 
+    async def _personal(
+        self,
+        base: Message,
+        rcpts: tuple[str, ...],
+        route: Route,
+        queue_id: str,
+        rewrite_body: bool = True,
+    ) -> _Personal:
+        """What differs per marketing recipient beyond the token: mailto code, body link."""
+        if not route.is_marketing or self._keeps_app(base, route):
+            return _Personal()
+        codes = await self._mailto_codes(base, rcpts, route, queue_id)
+        return _Personal(codes, self._body_links(base) if rewrite_body else None)
+
+    def _body_links(self, base: Message) -> BodyLinks | None:
+        """The body as a template when it has the placeholder (or a footer is wanted)."""
+        unsub = self._config.unsubscribe
+        footer = Footer(unsub.footer_text, unsub.footer_html) if unsub.footer else None
+        links = BodyLinks.find(base.header_bytes(), base.body, unsub.placeholder, footer)
+        outcome = "none" if links is None else "footer" if links.footer else "placeholder"
+        self._metrics.body_links.labels(outcome).inc()
+        return links
+
     async def _mailto_codes(
         self, base: Message, rcpts: tuple[str, ...], route: Route, queue_id: str
     ) -> dict[str, str]:
@@ -371,7 +414,7 @@ class Pipeline:
         Without Redis the copies still go out, their mailto address without a code
         (the token in its subject still works where the client keeps the subject).
         """
-        if self._mailto is None or not route.is_marketing or self._keeps_app(base, route):
+        if self._mailto is None:
             return {}
         group_name = route.group or self._policy.config.default_group
         group = self._policy.config.groups.get(group_name)
@@ -399,7 +442,7 @@ class Pipeline:
         mail_from: str,
         queue_id: str,
         split_shared: bool = True,
-        codes: dict[str, str] | None = None,
+        extra: _Personal | None = None,
     ) -> Iterator[_Copy]:
         """The signed copies to send, built one at a time as the delivery workers ask.
 
@@ -407,6 +450,7 @@ class Pipeline:
         application's own List-Unsubscribe) is signed once and sent once per recipient,
         each with its own return path.
         """
+        extra = extra or _Personal()
         shared = None
         if not route.is_marketing:
             shared = self._sign(base, keys, bh)
@@ -432,11 +476,15 @@ class Pipeline:
             token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
             url = headers.unsubscribe_url(public_url, token)
             fields = headers.one_click_headers(
-                url, group, token, self._config.unsubscribe.mailto_address, (codes or {}).get(rcpt)
+                url, group, token, self._config.unsubscribe.mailto_address, extra.codes.get(rcpt)
             )
             personal = base.replace(prepend=fields)
+            copy_bh = bh
+            if extra.links is not None:  # before signing: the body hash is this copy's
+                personal = personal.with_body(extra.links.render(url))
+                copy_bh = body_hash(personal.body) if keys else b""
             return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
-            yield _Copy((rcpt,), self._sign(personal, keys, bh), base.body, return_path)
+            yield _Copy((rcpt,), self._sign(personal, keys, copy_bh), personal.body, return_path)
 
     def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> tuple[Header, ...]:
         """The copy's header block: the signatures on top of the signed fields."""

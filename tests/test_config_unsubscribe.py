@@ -1,0 +1,63 @@
+"""relay.config: the ``unsubscribe:`` body-link keys, every error naming its key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import Keys
+from test_config import base_config
+
+from relay.config import parse_config
+from relay.config.schema import DEFAULT_FOOTER_TEXT
+from relay.errors import ConfigError
+
+
+def with_unsubscribe(keys: Keys, **section: Any) -> dict[str, Any]:
+    raw = base_config(keys)
+    raw["unsubscribe"] = section
+    return raw
+
+
+def test_defaults_and_values(keys: Keys) -> None:
+    u = parse_config(base_config(keys)).unsubscribe
+    assert (u.placeholder, u.footer, u.footer_text) == (
+        "%unsubscribe_url%",
+        False,
+        DEFAULT_FOOTER_TEXT,
+    )
+    u = parse_config(
+        with_unsubscribe(
+            keys, placeholder="[[unsub]]", footer=True, footer_text="\nBye: [[unsub]]\n"
+        )
+    ).unsubscribe
+    assert u.placeholder == "[[unsub]]" and u.footer
+    assert u.footer_text == "\r\nBye: [[unsub]]\r\n"  # line breaks kept, made CRLF
+    assert "[[unsub]]" in u.footer_html  # the default footer follows the placeholder
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"placeholder": "a b"}, "unsubscribe.placeholder"),
+        ({"placeholder": "%u"}, "unsubscribe.placeholder"),
+        ({"placeholder": "%unsubscribe_ü%"}, "unsubscribe.placeholder"),
+        ({"footer": "yes"}, "unsubscribe.footer"),
+        ({"footer_text": "no link here"}, "unsubscribe.footer_text"),
+        ({"footer_html": 3}, "unsubscribe.footer_html"),
+    ],
+)
+def test_error_names_the_dotted_key(keys: Keys, section: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(with_unsubscribe(keys, **section))
+    assert err.value.key == key, str(err.value)
+
+
+def test_group_mailto_leaves_room_for_the_code(keys: Keys) -> None:
+    raw = base_config(keys)
+    raw["policy"]["groups"]["newsletter"]["mailto"] = "u" * 48 + "@example.com"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.key == "policy.groups.newsletter.mailto"
+    raw["policy"]["groups"]["newsletter"]["mailto"] = "u" * 47 + "@example.com"
+    assert parse_config(raw).policy.groups["newsletter"].mailto
