@@ -1,4 +1,4 @@
-"""relay.config: the ``unsubscribe:`` body-link keys, every error naming its key."""
+"""relay.config: the ``unsubscribe:`` body-link and ``compliance:`` keys, errors naming keys."""
 
 from __future__ import annotations
 
@@ -61,3 +61,47 @@ def test_group_mailto_leaves_room_for_the_code(keys: Keys) -> None:
     assert err.value.key == "policy.groups.newsletter.mailto"
     raw["policy"]["groups"]["newsletter"]["mailto"] = "u" * 47 + "@example.com"
     assert parse_config(raw).policy.groups["newsletter"].mailto
+
+
+def test_compliance_section(keys: Keys) -> None:
+    assert parse_config(base_config(keys)).compliance.cfbl_address is None
+    raw = base_config(keys)
+    raw["compliance"] = {
+        "cfbl_address": "FBL@Example.com",
+        "feedback_id": "{group}:{class}:exco",
+        "require_body_link": True,
+    }
+    raw["policy"]["groups"]["newsletter"]["feedback_id"] = "news:{domain}:exco"
+    config = parse_config(raw)
+    c = config.compliance
+    assert (c.cfbl_address, c.feedback_id, c.require_body_link) == (
+        "fbl@example.com",
+        "{group}:{class}:exco",
+        True,
+    )
+    assert config.policy.groups["newsletter"].feedback_id == "news:{domain}:exco"
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("compliance.cfbl_address", "not an address"),
+        ("compliance.cfbl_address", "fbl@example.com; report=arf"),
+        ("compliance.feedback_id", "{campaign}:{class}"),
+        ("compliance.feedback_id", "{group:x"),
+        ("compliance.feedback_id", "has space"),
+        ("compliance.require_body_link", "yes"),
+        ("compliance.unknown", 1),
+        ("policy.groups.newsletter.feedback_id", "{nope}"),
+    ],
+)
+def test_compliance_errors_name_the_key(keys: Keys, dotted: str, value: object) -> None:
+    raw = base_config(keys)
+    *path, last = dotted.split(".")
+    node = raw
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.key == dotted, str(err.value)

@@ -76,21 +76,36 @@ def check_config(config: Config) -> int:
             f" unknown={t.unknown or 'never'} policy={t.policy or 'never'}"
         )
     if config.unsubscribe.mailto_address:
-        print(f"  mailto   {config.unsubscribe.mailto_address}?subject=unsubscribe%20<token>")
+        local, _, domain = config.unsubscribe.mailto_address.rpartition("@")
+        print(f"  mailto   {local}+<code>@{domain}?subject=unsubscribe%20<token>")
+    compliance = config.compliance
+    if compliance.cfbl_address:
+        print(f"  cfbl     CFBL-Address: {compliance.cfbl_address}; report=arf")
+    if compliance.feedback_id:
+        print(f"  feedback Feedback-ID: {compliance.feedback_id}")
     if config.milter.listen is not None:
         for line in postfix_milter_lines(config):
             print(line)
     print("routes (first match wins):")
     for line in policy.describe():
         print(f"  {line}")
+    cfbl_domain = (compliance.cfbl_address or "").rpartition("@")[2]
     for rule in config.policy.senders:
         domain = rule.match.rpartition("@")[2]
         if rule.message_class != "marketing" or any(ch in domain for ch in "*?["):
             continue
-        if not signer.keys_for(domain):
+        dkim_keys = signer.keys_for(domain)
+        if not dkim_keys:
             print(
                 f"WARNING: marketing sender {rule.match!r} has no DKIM key for {domain}:"
                 " mailbox providers will not offer one-click unsubscribe",
+                file=sys.stderr,
+            )
+        elif cfbl_domain and not any(_aligned(cfbl_domain, k.domain) for k in dkim_keys):
+            print(
+                f"WARNING: compliance.cfbl_address domain {cfbl_domain} is not aligned with"
+                f" DKIM d={dkim_keys[0].domain} of marketing sender {rule.match!r}: RFC 9477"
+                " receivers ignore its CFBL-Address",
                 file=sys.stderr,
             )
     return 0
@@ -124,6 +139,12 @@ def postfix_milter_lines(config: Config) -> list[str]:
             " add the postfix user to the relay's group)"
         )
     return lines
+
+
+def _aligned(domain: str, signing: str) -> bool:
+    """Relaxed alignment without a public-suffix list: one is the other or its subdomain."""
+    a, b = domain.lower().rstrip("."), signing.lower().rstrip(".")
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
 
 
 def _time(timestamp: int) -> str:

@@ -27,9 +27,11 @@ from relay.config.schema import (
     DEFAULT_PLACEHOLDER,
     DEFAULT_TOKEN_MAX_AGE_DAYS,
     ESP_PROVIDERS,
+    FEEDBACK_ID_FIELDS,
     MAX_MAILTO_LOCAL_PART,
     BouncesConfig,
     BounceThresholds,
+    ComplianceConfig,
     Config,
     DkimConfig,
     DkimKeyConfig,
@@ -474,6 +476,7 @@ def _read_policy(s: _Section) -> PolicyConfig:
             display_name=gs.get("display_name", str(name), _str),
             list_id=gs.get("list_id", None, _list_id),
             mailto=gs.get("mailto", None, _mailto),
+            feedback_id=gs.get("feedback_id", None, _feedback_id),
         )
         gs.done()
     g.done()
@@ -767,13 +770,47 @@ def _read_milter(s: _Section) -> MilterConfig:
     return cfg
 
 
+def _feedback_id(value: object, key: str) -> str:
+    """A ``Feedback-ID`` template: printable ASCII, only the known ``{fields}``."""
+    text = _str(value, key)
+    if not re.fullmatch(r"[\x21-\x7e]{1,200}", text):
+        raise ConfigError(key, "expected up to 200 printable ASCII characters without spaces")
+    rest = text
+    for name in FEEDBACK_ID_FIELDS:
+        rest = rest.replace("{" + name + "}", "")
+    if "{" in rest or "}" in rest:
+        fields = ", ".join("{" + f + "}" for f in FEEDBACK_ID_FIELDS)
+        raise ConfigError(key, f"unknown or unbalanced {{field}}; the fields are {fields}")
+    return text
+
+
+def _plain_address(value: object, key: str) -> str:
+    text = _str(value, key).lower()
+    if not re.fullmatch(r"[a-z0-9._%+-]{1,64}@[a-z0-9-]+(\.[a-z0-9-]+)+", text):
+        raise ConfigError(key, "expected a plain address such as fbl@example.com")
+    return text
+
+
+def _read_compliance(s: _Section) -> ComplianceConfig:
+    cfg = ComplianceConfig(
+        cfbl_address=s.get("cfbl_address", None, _plain_address),
+        feedback_id=s.get("feedback_id", None, _feedback_id),
+        require_body_link=s.get("require_body_link", False, _bool),
+    )
+    s.done()
+    return cfg
+
+
 def _check_inbound(config: Config) -> None:
     """The listener needs at least one address to accept mail for (it never relays)."""
     bounces = config.bounces
     if bounces.listen is None:
         return
     group_mailto = any(g.mailto for g in config.policy.groups.values())
-    if not (bounces.accepted_addresses() or config.unsubscribe.mailto_domain or group_mailto):
+    cfbl = config.compliance.cfbl_address
+    if not (
+        bounces.accepted_addresses() or config.unsubscribe.mailto_domain or group_mailto or cfbl
+    ):
         raise ConfigError(
             "bounces.listen",
             "no address to accept mail for: set bounces.return_path_domain,"
@@ -872,6 +909,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         events=_read_events(top.section("events")),
         bounces=_read_bounces(top.section("bounces")),
         unsubscribe=_read_unsubscribe(top.section("unsubscribe")),
+        compliance=_read_compliance(top.section("compliance")),
         log=_read_log(top.section("log")),
         esp_webhooks=_read_esp_webhooks(top),
         source=source,

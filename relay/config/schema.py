@@ -184,6 +184,8 @@ class GroupConfig:
     display_name: str
     list_id: str | None = None
     mailto: str | None = None
+    feedback_id: str | None = None
+    """This group's ``Feedback-ID`` template, instead of ``compliance.feedback_id``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +376,23 @@ class MilterConfig:
     an SMTP session may sit idle between messages while its milter connection stays open)."""
 
 
+FEEDBACK_ID_FIELDS = ("group", "class", "domain")
+"""What a ``Feedback-ID`` template may name: ``{group}``, ``{class}``, ``{domain}`` (From's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ComplianceConfig:
+    """Complaint-feedback headers (RFC 9477 CFBL, Gmail's Feedback-ID) and the body-link lint."""
+
+    cfbl_address: str | None = None
+    """Set: marketing mail carries ``CFBL-Address: <it>; report=arf`` and a per-recipient
+    ``CFBL-Feedback-ID``; the inbound listener takes mail for it (ARF reports)."""
+    feedback_id: str | None = None
+    """``Feedback-ID`` template for marketing mail, e.g. ``{group}:{class}:exco``."""
+    require_body_link: bool = False
+    """Refuse (550 5.7.0) marketing mail with neither the placeholder nor an https link."""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig
@@ -388,6 +407,7 @@ class Config:
     events: EventsConfig = EventsConfig()
     bounces: BouncesConfig = BouncesConfig()
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
+    compliance: ComplianceConfig = ComplianceConfig()
     log: LogConfig = LogConfig()
     esp_webhooks: tuple[EspWebhookConfig, ...] = ()
     milter: MilterConfig = MilterConfig()

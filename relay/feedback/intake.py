@@ -56,6 +56,10 @@ Role = Literal["bounce", "unsubscribe"]
 _TOKEN_LOCAL = re.compile(r"^[^+@]+\+([A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,})@")
 MAX_TOKENS = 16
 """Unsubscribe tokens read from one bounce's text (each costs a decryption)."""
+_CFBL_FEEDBACK_ID = re.compile(
+    r"^CFBL-Feedback-ID:[ \t]*([A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,1024})(?![\w.-])",
+    re.IGNORECASE | re.MULTILINE,
+)
 COMPLAINT_TYPES = frozenset({"abuse", "fraud"})
 """ARF Feedback-Types that are a person's complaint; not-spam, virus, auth-failure are not."""
 
@@ -75,7 +79,10 @@ class Addresses:
 
     def __init__(self, config: Config, verp: Verp | None) -> None:
         self._verp = verp
-        self._feedback = {normalize_address(a) for a in config.bounces.feedback_addresses}
+        feedback = list(config.bounces.feedback_addresses)
+        if config.compliance.cfbl_address:  # RFC 9477 reports come back to it
+            feedback.append(config.compliance.cfbl_address)
+        self._feedback = {normalize_address(a) for a in feedback}
         unsub = [config.unsubscribe.mailto_address]
         unsub += [g.mailto for g in config.policy.groups.values()]
         self._unsubscribe = {normalize_address(a) for a in unsub if a}
@@ -164,11 +171,15 @@ class Intake:
         """Parse and search the text in a worker thread: nothing scans a bounce on the loop.
 
         The return paths (``Verp.find``, bounded) and at most ``MAX_TOKENS``
-        unsubscribe tokens quoted in the text are collected here, once.
+        unsubscribe tokens quoted in the text are collected here, once: those of
+        ``CFBL-Feedback-ID`` fields first (they survive a report that redacts addresses
+        and URLs), then those of unsubscribe URLs.
         """
         report = parse(data)
         quoted = self._verp.find(report.text) if self._verp is not None else []
-        tokens = [m.group(1) for m in islice(self._token_url.finditer(report.text), MAX_TOKENS)]
+        cfbl = (m.group(1) for m in _CFBL_FEEDBACK_ID.finditer(report.text))
+        urls = (m.group(1) for m in self._token_url.finditer(report.text))
+        tokens = [*islice(cfbl, MAX_TOKENS), *islice(urls, MAX_TOKENS)][:MAX_TOKENS]
         return replace(report, text="", tokens=tuple(dict.fromkeys(tokens))), quoted
 
     def _role(self, recipients: Sequence[str], report: Inbound) -> Role:
@@ -354,7 +365,8 @@ class Intake:
         return None
 
     def _token_claims(self, report: Inbound) -> TokenClaims | None:
-        """The recipient and group of the unsubscribe token in the returned original."""
+        """The recipient and group of the token in the returned original: its
+        ``CFBL-Feedback-ID``, else its unsubscribe URL (collected by ``_read``)."""
         for token in report.tokens:
             try:
                 return self._unsubscriber.inspect(token)

@@ -373,6 +373,7 @@ class Pipeline:
             remove = (
                 (*headers.LIST_HEADERS, "list-id") if not self._keeps_app(message, route) else ()
             )
+            remove += headers.compliance_names(self._config.compliance)
         return message.replace(
             remove=remove,
             prepend=(
@@ -457,7 +458,10 @@ class Pipeline:
         elif self._keeps_app(base, route):
             fixed = base.replace(
                 remove=("list-unsubscribe-post",),
-                append=[Header.build("List-Unsubscribe-Post", headers.ONE_CLICK)],
+                append=[
+                    Header.build("List-Unsubscribe-Post", headers.ONE_CLICK),
+                    *self._compliance(route, None),
+                ],
             )
             shared = self._sign(fixed, keys, bh)
         if shared is not None:
@@ -478,13 +482,24 @@ class Pipeline:
             fields = headers.one_click_headers(
                 url, group, token, self._config.unsubscribe.mailto_address, extra.codes.get(rcpt)
             )
-            personal = base.replace(prepend=fields)
+            personal = base.replace(prepend=[*fields, *self._compliance(route, token)])
             copy_bh = bh
             if extra.links is not None:  # before signing: the body hash is this copy's
                 personal = personal.with_body(extra.links.render(url))
                 copy_bh = body_hash(personal.body) if keys else b""
             return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
             yield _Copy((rcpt,), self._sign(personal, keys, copy_bh), personal.body, return_path)
+
+    def _compliance(self, route: Route, token: str | None) -> list[Header]:
+        """CFBL-Address, CFBL-Feedback-ID (the copy's token) and Feedback-ID, as configured."""
+        group_name = route.group or self._policy.config.default_group
+        return headers.compliance_headers(
+            self._config.compliance,
+            self._policy.config.groups.get(group_name),
+            group_name,
+            domain_of(route.sender),
+            token,
+        )
 
     def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> tuple[Header, ...]:
         """The copy's header block: the signatures on top of the signed fields."""
