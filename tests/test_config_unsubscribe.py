@@ -105,3 +105,20 @@ def test_compliance_errors_name_the_key(keys: Keys, dotted: str, value: object) 
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert err.value.key == dotted, str(err.value)
+
+
+def test_unsubscribe_days(keys: Keys) -> None:
+    from relay.suppression.store import DAY, SuppressionPolicy
+
+    config = parse_config(base_config(keys))
+    assert config.suppression.unsubscribe_days is None
+    assert SuppressionPolicy.from_config(config.suppression).default_ttl("unsubscribe") is None
+    raw = base_config(keys)
+    raw["suppression"] = {"unsubscribe_days": 90}
+    policy = SuppressionPolicy.from_config(parse_config(raw).suppression)
+    assert policy.default_ttl("unsubscribe") == 90 * DAY
+    assert policy.default_ttl("complaint") is None
+    raw["suppression"] = {"unsubscribe_days": 0}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.key == "suppression.unsubscribe_days"

@@ -32,7 +32,14 @@ from relay.suppression.store import (
     describe_scope,
     parse_scope,
 )
-from relay.suppression.transfer import ExportFilter, export_csv, import_lines, scan_stats, stats
+from relay.suppression.transfer import (
+    ExportFilter,
+    export_csv,
+    import_lines,
+    remove_lines,
+    scan_stats,
+    stats,
+)
 
 
 def redact_url(url: str) -> str:
@@ -236,6 +243,8 @@ async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:
         new = await store.add(args.address, scope, args.reason, source="cli", ttl=ttl)
         print(f"{'added' if new else 'already present'}: {args.address} {describe_scope(scope)}")
         return 0
+    if action == "remove" and (args.file is not None or args.address is None):
+        return await _remove_file(args, store)
     if action == "remove":
         try:
             removed = await store.remove(
@@ -300,6 +309,40 @@ async def _list(args: argparse.Namespace, store: SuppressionStore, now: float) -
             if args.limit and count >= args.limit:
                 break
     return 0
+
+
+async def _remove_file(args: argparse.Namespace, store: SuppressionStore) -> int:
+    """``suppress remove --file``: a per-line report; exit 3 when a line was not usable."""
+    if args.file is None or args.address is not None or args.reason or args.force:
+        print(
+            "error: give either an address (with --reason/--force if needed) or --file FILE",
+            file=sys.stderr,
+        )
+        return 2
+    scope = _scope_or_none(args)
+    try:
+        if str(args.file) == "-":
+            report = await remove_lines(
+                store, sys.stdin, scope=scope, source="cli-file", dry_run=args.dry_run
+            )
+        else:
+            with args.file.open(encoding="utf-8-sig") as f:
+                report = await remove_lines(
+                    store, f, scope=scope, source="cli-file", dry_run=args.dry_run
+                )
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 1
+    verb = "would remove" if args.dry_run else "removed"
+    for r in report.lines:
+        outcome = verb if r.outcome == "removed" else r.outcome
+        print(f"line {r.line}: {r.address}: {outcome}{': ' + r.detail if r.detail else ''}")
+    print(
+        f"{verb}: {report.count('removed')}, not suppressed: {report.count('not-suppressed')},"
+        f" protected: {report.count('protected')}, duplicates: {report.count('duplicate')},"
+        f" invalid: {report.count('invalid')}"
+    )
+    return 3 if report.count("invalid") else 0
 
 
 async def _import(args: argparse.Namespace, store: SuppressionStore) -> int:

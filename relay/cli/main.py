@@ -60,11 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     scope_flags(add)
     add.add_argument("--reason", default="manual", choices=list(MANUAL_REASONS))
     add.add_argument("--expires-days", type=float, help="expire after N days")
-    remove = sup_sub.add_parser("remove", help="re-subscribe: delete entries (audited)")
-    remove.add_argument("address")
+    remove = sup_sub.add_parser(
+        "remove", help="re-subscribe: delete entries (audited); --file for many addresses"
+    )
+    remove.add_argument("address", nargs="?")
     scope_flags(remove)
     remove.add_argument("--reason")
     remove.add_argument("--force", action="store_true", help="also remove complaint entries")
+    remove.add_argument(
+        "--file",
+        type=Path,
+        help="one address per line, or CSV with an 'address' column ('-' for stdin);"
+        " complaint entries are never removed in bulk",
+    )
+    remove.add_argument("--dry-run", action="store_true", help="with --file: report only")
     show = sup_sub.add_parser("show", help="every entry for one address, and why")
     show.add_argument("address")
     lst = sup_sub.add_parser("list", help="entries, streamed")

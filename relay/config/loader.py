@@ -574,6 +574,7 @@ def _read_suppression(s: _Section) -> SuppressionConfig:
         hard_bounce_days=s.get("hard_bounce_days", d.hard_bounce_days, _days_or_never),
         soft_bounce_days=soft or d.soft_bounce_days,
         manual_days=s.get("manual_days", None, _days_or_never),
+        unsubscribe_days=s.get("unsubscribe_days", None, _days_or_never),
         patterns=tuple(_pattern(item, key) for item, key in s.items("patterns")),
         patterns_block_transactional=s.get("patterns_block_transactional", False, _bool),
     )

@@ -213,6 +213,8 @@ class SuppressionConfig:
     hard_bounce_days: float | None = 180
     soft_bounce_days: tuple[float, ...] = (7, 14, 30, 180)
     manual_days: float | None = None
+    unsubscribe_days: float | None = None
+    """An unsubscribe lapses after this many days (None: never; 90 mails again after 90 days)."""
     patterns: tuple[str, ...] = ()
     patterns_block_transactional: bool = False
 
