@@ -113,6 +113,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.compliance = Counter(
+            "oneclick_compliance_findings",
+            "Marketing messages that miss something mailbox providers ask for, by finding"
+            " (no-body-link: neither the placeholder nor an https link in the body).",
+            ["finding"],
+            registry=r,
+        )
         self.unsubscribes = Counter(
             "oneclick_unsubscribes",
             "Unsubscribe requests honoured, by group and channel.",

@@ -415,7 +415,7 @@ async def _report(counters: DailyCounters, days: int, group: str | None, as_json
         return 0
     print(
         f"{'day':<11} {'group':<16} {'sent':>8} {'hard':>6} {'soft':>6} {'unkn.':>6}"
-        f" {'policy':>6} {'compl.':>6} {'unsub':>6} {'complaint rate':>15}"
+        f" {'policy':>6} {'compl.':>6} {'unsub':>6} {'nolink':>6} {'complaint rate':>15}"
     )
     for r in _with_day_totals(rows) if group is None else rows:
         c = r.counts
@@ -423,7 +423,7 @@ async def _report(counters: DailyCounters, days: int, group: str | None, as_json
             f"{r.day:<11} {r.group:<16} {c.get('sent', 0):>8} {c.get('hard-bounce', 0):>6}"
             f" {c.get('soft-bounce', 0):>6} {c.get('unknown-bounce', 0):>6}"
             f" {c.get('policy-bounce', 0):>6} {c.get('complaint', 0):>6}"
-            f" {c.get('unsubscribe', 0):>6}"
+            f" {c.get('unsubscribe', 0):>6} {c.get('no-body-link', 0):>6}"
             f" {r.complaint_rate:>14.3%} {verdict(r.complaint_rate)}"
         )
     if not rows:

@@ -118,6 +118,16 @@ class BodyLinks:
         return b"".join(s if isinstance(s, bytes) else s.render(url) for s in self.segments)
 
 
+def has_https_link(header_block: bytes, body: bytes) -> bool:
+    """Whether a text part of the body holds an ``https://`` link (decoded where encoded)."""
+    if b"https://" in body:
+        return True
+    if not _may_hide(header_block, body):
+        return b"https://" in body.lower()
+    leaves = _Walker().walk(header_block, body, 0)
+    return any(isinstance(s, _Leaf) and b"https://" in _decode(s).lower() for s in leaves)
+
+
 def _may_hide(header_block: bytes, body: bytes) -> bool:
     """Whether a quoted-printable or base64 part could hold the placeholder out of sight.
 

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from prometheus_client import Histogram
 
 from relay.config import Config
-from relay.errors import SmtpError, SmtpReply, StoreUnavailable, TempFail
+from relay.errors import PermFail, SmtpError, SmtpReply, StoreUnavailable, TempFail
 from relay.eventlog import EventLog
 from relay.feedback.bounces import Classifier
 from relay.feedback.record import Attribution, Feedback
 from relay.mail import headers
 from relay.mail.address import domain_of
-from relay.mail.body import BodyLinks, Footer
+from relay.mail.body import BodyLinks, Footer, has_https_link
 from relay.mail.dkim import DkimKey, Signer, body_hash
 from relay.mail.message import Header, Message, from_address
 from relay.mail.tokens import TokenCodec
@@ -393,10 +393,32 @@ class Pipeline:
         rewrite_body: bool = True,
     ) -> _Personal:
         """What differs per marketing recipient beyond the token: mailto code, body link."""
-        if not route.is_marketing or self._keeps_app(base, route):
+        if not route.is_marketing:
+            return _Personal()
+        keeps_app = self._keeps_app(base, route)
+        links = None if keeps_app else self._body_links(base)
+        if links is None:
+            self._lint_body_link(base, route)
+        if keeps_app:
             return _Personal()
         codes = await self._mailto_codes(base, rcpts, route, queue_id)
-        return _Personal(codes, self._body_links(base) if rewrite_body else None)
+        return _Personal(codes, links if rewrite_body else None)
+
+    def _lint_body_link(self, base: Message, route: Route) -> None:
+        """A marketing message with neither the placeholder nor any https link in its body
+        is counted, and refused with ``compliance.require_body_link``."""
+        if has_https_link(base.header_bytes(), base.body):
+            return
+        self._metrics.compliance.labels("no-body-link").inc()
+        self._counters.add("no-body-link", route.group or self._policy.config.default_group)
+        if self._config.compliance.require_body_link:
+            placeholder = self._config.unsubscribe.placeholder
+            raise PermFail(
+                "5.7.0",
+                f"marketing mail needs a visible unsubscribe link: put {placeholder} in its"
+                " text and HTML parts (the relay puts each recipient's link there), or set"
+                " unsubscribe.footer: true",
+            )
 
     def _body_links(self, base: Message) -> BodyLinks | None:
         """The body as a template when it has the placeholder (or a footer is wanted)."""
