@@ -141,8 +141,12 @@ async def test_without_redis_the_copy_keeps_a_mailto_without_code(
     assert mrelay.store is not None
     codes = mrelay.handler.pipeline._mailto if mrelay.handler else None
     assert codes is not None
-    codes._records._redis = aioredis.Redis(port=1, socket_connect_timeout=0.2)
-    addresses = await newsletter(mrelay, sink, [ALICE])
+    dead = aioredis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens there
+    codes._records._redis = dead
+    try:
+        addresses = await newsletter(mrelay, sink, [ALICE])
+    finally:
+        await dead.aclose()
     assert addresses[ALICE] == f"unsubscribe@{MAILTO_DOMAIN}"
     rendered = mrelay.metrics.render().decode()
     assert 'oneclick_redis_errors_total{action="mailto-without-code"} 1.0' in rendered
