@@ -101,8 +101,23 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "oneclick_redis_errors",
-            "Suppression lookups that failed, by what was done (tempfail, deliver).",
+            "Redis calls on the send path that failed, by what was done (tempfail, deliver,"
+            " mailto-without-code).",
             ["action"],
+            registry=r,
+        )
+        self.body_links = Counter(
+            "oneclick_body_links",
+            "Marketing messages by where each recipient's unsubscribe URL went in the body"
+            " (placeholder, footer, none).",
+            ["outcome"],
+            registry=r,
+        )
+        self.compliance = Counter(
+            "oneclick_compliance_findings",
+            "Marketing messages that miss something mailbox providers ask for, by finding"
+            " (no-body-link: neither the placeholder nor an https link in the body).",
+            ["finding"],
             registry=r,
         )
         self.unsubscribes = Counter(

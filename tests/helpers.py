@@ -177,3 +177,25 @@ class HealthPoller:
     @property
     def worst(self) -> float:
         return max(self.latencies)
+
+
+PERL_VERIFIER = Path(__file__).parent / "tools" / "dkim_verify.pl"
+
+
+def perl_dkim_results(data: bytes, dns_file: Path) -> list[tuple[str, list[str]]]:
+    """The independent Mail::DKIM verifier's (result, h= names) for each signature."""
+    import subprocess
+
+    done = subprocess.run(
+        ["perl", str(PERL_VERIFIER), str(dns_file)],
+        input=data,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    results = []
+    for line in done.stdout.decode().splitlines():
+        status, _d, _s, _a, h, _detail = line.split("\t")
+        results.append((status, h.removeprefix("h=").lower().split(":")))
+    return results

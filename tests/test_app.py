@@ -102,7 +102,7 @@ async def test_stop_is_the_reverse_of_start(
     smtp_port, http_port = relay.smtp_port, relay.http_port
     await relay.stop()
     counts = {k.decode(): int(v) for k, v in (await redis.hgetall(await _daily_key(redis))).items()}
-    assert counts == {"sent|newsletter": 1}
+    assert counts == {"sent|newsletter": 1, "no-body-link|newsletter": 1}  # no link in it
     for port in (smtp_port, http_port):
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)

@@ -149,4 +149,4 @@ def test_check_config_describes_bounces(keys: Keys, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "bounces  return path rp+<code>@bounce.example.com (VERP)" in out
     assert "lmtp listen 127.0.0.1:2526, thresholds hard=2 soft=4 unknown=never policy=10" in out
-    assert "mailto   leave@unsub.example.com?subject=unsubscribe%20<token>" in out
+    assert "mailto   leave+<code>@unsub.example.com?subject=unsubscribe%20<token>" in out

@@ -23,6 +23,7 @@ from relay.cli.progress import count_lines, meter
 from relay.config import Config
 from relay.config import audit as config_audit
 from relay.errors import StoreUnavailable
+from relay.mail.dkim import Signer
 from relay.outbound.retry import RetryQueue
 from relay.runtime import parts
 from relay.store.inbound import InboundLog
@@ -36,7 +37,14 @@ from relay.suppression.store import (
     describe_scope,
     parse_scope,
 )
-from relay.suppression.transfer import ExportFilter, export_csv, import_lines, scan_stats, stats
+from relay.suppression.transfer import (
+    ExportFilter,
+    export_csv,
+    import_lines,
+    remove_lines,
+    scan_stats,
+    stats,
+)
 
 EXIT_CONFIG = 2
 
@@ -92,7 +100,13 @@ def check_config(config: Config, *, insecure_permissions: bool = False) -> int:
             f" unknown={t.unknown or 'never'} policy={t.policy or 'never'}"
         )
     if config.unsubscribe.mailto_address:
-        print(f"  mailto   {config.unsubscribe.mailto_address}?subject=unsubscribe%20<token>")
+        local, _, domain = config.unsubscribe.mailto_address.rpartition("@")
+        print(f"  mailto   {local}+<code>@{domain}?subject=unsubscribe%20<token>")
+    compliance = config.compliance
+    if compliance.cfbl_address:
+        print(f"  cfbl     CFBL-Address: {compliance.cfbl_address}; report=arf")
+    if compliance.feedback_id:
+        print(f"  feedback Feedback-ID: {compliance.feedback_id}")
     if config.milter.listen is not None:
         for line in postfix_milter_lines(config):
             print(line)
@@ -104,6 +118,20 @@ def check_config(config: Config, *, insecure_permissions: bool = False) -> int:
         print(f"WARNING: {notice}", file=sys.stderr)
     for finding in warnings:
         print(f"WARNING: {finding}", file=sys.stderr)
+    cfbl_domain = (compliance.cfbl_address or "").rpartition("@")[2]
+    signer = Signer.from_config(config.dkim) if cfbl_domain else None
+    for rule in config.policy.senders:
+        domain = rule.match.rpartition("@")[2]
+        if rule.message_class != "marketing" or any(ch in domain for ch in "*?["):
+            continue
+        dkim_keys = signer.keys_for(domain) if signer is not None else []
+        if dkim_keys and not any(_aligned(cfbl_domain, k.domain) for k in dkim_keys):
+            print(
+                f"WARNING: compliance.cfbl_address domain {cfbl_domain} is not aligned with"
+                f" DKIM d={dkim_keys[0].domain} of marketing sender {rule.match!r}: RFC 9477"
+                " receivers ignore its CFBL-Address",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -135,6 +163,12 @@ def postfix_milter_lines(config: Config) -> list[str]:
             " add the postfix user to the relay's group)"
         )
     return lines
+
+
+def _aligned(domain: str, signing: str) -> bool:
+    """Relaxed alignment without a public-suffix list: one is the other or its subdomain."""
+    a, b = domain.lower().rstrip("."), signing.lower().rstrip(".")
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
 
 
 def _time(timestamp: int) -> str:
@@ -270,6 +304,8 @@ async def _suppress(args: argparse.Namespace, store: SuppressionStore) -> int:
     now = time.time()
     if action == "add":
         return await _add(args, store, now)
+    if action == "remove" and (args.file is not None or args.address is None):
+        return await _remove_file(args, store)
     if action == "remove":
         try:
             removed = await store.remove(
@@ -363,6 +399,40 @@ async def _list(args: argparse.Namespace, store: SuppressionStore, now: float) -
     return 0
 
 
+async def _remove_file(args: argparse.Namespace, store: SuppressionStore) -> int:
+    """``suppress remove --file``: a per-line report; exit 3 when a line was not usable."""
+    if args.file is None or args.address is not None or args.reason or args.force:
+        print(
+            "error: give either an address (with --reason/--force if needed) or --file FILE",
+            file=sys.stderr,
+        )
+        return 2
+    scope = _scope_or_none(args)
+    try:
+        if str(args.file) == "-":
+            report = await remove_lines(
+                store, sys.stdin, scope=scope, source="cli-file", dry_run=args.dry_run
+            )
+        else:
+            with args.file.open(encoding="utf-8-sig") as f:
+                report = await remove_lines(
+                    store, f, scope=scope, source="cli-file", dry_run=args.dry_run
+                )
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 1
+    verb = "would remove" if args.dry_run else "removed"
+    for r in report.lines:
+        outcome = verb if r.outcome == "removed" else r.outcome
+        print(f"line {r.line}: {r.address}: {outcome}{': ' + r.detail if r.detail else ''}")
+    print(
+        f"{verb}: {report.count('removed')}, not suppressed: {report.count('not-suppressed')},"
+        f" protected: {report.count('protected')}, duplicates: {report.count('duplicate')},"
+        f" invalid: {report.count('invalid')}"
+    )
+    return 3 if report.count("invalid") else 0
+
+
 async def _import(args: argparse.Namespace, store: SuppressionStore) -> int:
     scope = _scope_or_none(args) or GLOBAL
     what = "checked" if args.dry_run else "imported"
@@ -448,7 +518,7 @@ async def _report(counters: DailyCounters, days: int, group: str | None, as_json
         return 0
     print(
         f"{'day':<11} {'group':<16} {'sent':>8} {'hard':>6} {'soft':>6} {'unkn.':>6}"
-        f" {'policy':>6} {'compl.':>6} {'unsub':>6} {'complaint rate':>15}"
+        f" {'policy':>6} {'compl.':>6} {'unsub':>6} {'nolink':>6} {'complaint rate':>15}"
     )
     for r in _with_day_totals(rows) if group is None else rows:
         c = r.counts
@@ -456,7 +526,7 @@ async def _report(counters: DailyCounters, days: int, group: str | None, as_json
             f"{r.day:<11} {r.group:<16} {c.get('sent', 0):>8} {c.get('hard-bounce', 0):>6}"
             f" {c.get('soft-bounce', 0):>6} {c.get('unknown-bounce', 0):>6}"
             f" {c.get('policy-bounce', 0):>6} {c.get('complaint', 0):>6}"
-            f" {c.get('unsubscribe', 0):>6}"
+            f" {c.get('unsubscribe', 0):>6} {c.get('no-body-link', 0):>6}"
             f" {r.complaint_rate:>14.3%} {verdict(r.complaint_rate)}"
         )
     if not rows:

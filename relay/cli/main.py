@@ -74,12 +74,21 @@ def _parser() -> argparse.ArgumentParser:
         help="expire after N days (default: the reason's expiry from suppression:)",
     )
     remove = with_config(
-        sup_sub.add_parser("remove", help="re-subscribe: delete entries (audited)")
+        sup_sub.add_parser(
+            "remove", help="re-subscribe: delete entries (audited); --file for many addresses"
+        )
     )
-    remove.add_argument("address")
+    remove.add_argument("address", nargs="?")
     scope_flags(remove)
     remove.add_argument("--reason")
     remove.add_argument("--force", action="store_true", help="also remove complaint entries")
+    remove.add_argument(
+        "--file",
+        type=Path,
+        help="one address per line, or CSV with an 'address' column ('-' for stdin);"
+        " complaint entries are never removed in bulk",
+    )
+    remove.add_argument("--dry-run", action="store_true", help="with --file: report only")
     show = with_config(sup_sub.add_parser("show", help="every entry for one address, and why"))
     show.add_argument("address")
     lst = with_config(sup_sub.add_parser("list", help="entries, streamed"))

@@ -22,11 +22,17 @@ import yaml
 
 from relay.config.schema import (
     DEFAULT_CONFIG_ENV,
+    DEFAULT_FOOTER_HTML,
+    DEFAULT_FOOTER_TEXT,
+    DEFAULT_PLACEHOLDER,
     DEFAULT_STATE_DIR,
     DEFAULT_TOKEN_MAX_AGE_DAYS,
     ESP_PROVIDERS,
+    FEEDBACK_ID_FIELDS,
+    MAX_MAILTO_LOCAL_PART,
     BouncesConfig,
     BounceThresholds,
+    ComplianceConfig,
     Config,
     DkimConfig,
     DkimKeyConfig,
@@ -548,6 +554,7 @@ def _read_policy(s: _Section) -> PolicyConfig:
             display_name=gs.get("display_name", str(name), _str),
             list_id=gs.get("list_id", None, _list_id),
             mailto=gs.get("mailto", None, _mailto),
+            feedback_id=gs.get("feedback_id", None, _feedback_id),
         )
         gs.done()
     g.done()
@@ -602,6 +609,12 @@ def _mailto(value: object, key: str) -> str:
     text = _str(value, key).removeprefix("mailto:")
     if not re.fullmatch(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+", text):
         raise ConfigError(key, "expected a plain address such as unsubscribe@example.com")
+    if len(text.rpartition("@")[0]) > MAX_MAILTO_LOCAL_PART:
+        raise ConfigError(
+            key,
+            f"local part longer than {MAX_MAILTO_LOCAL_PART} characters: no room for the"
+            " unsubscribe code within 64 octets",
+        )
     return text
 
 
@@ -639,6 +652,7 @@ def _read_suppression(s: _Section) -> SuppressionConfig:
         hard_bounce_days=s.get("hard_bounce_days", d.hard_bounce_days, _days_or_never),
         soft_bounce_days=soft or d.soft_bounce_days,
         manual_days=s.get("manual_days", None, _days_or_never),
+        unsubscribe_days=s.get("unsubscribe_days", None, _days_or_never),
         patterns=tuple(_pattern(item, key) for item, key in s.items("patterns")),
         patterns_block_transactional=s.get("patterns_block_transactional", False, _bool),
     )
@@ -781,10 +795,33 @@ def _read_inbound_tls(s: _Section) -> SmtpTlsConfig:
     return cfg
 
 
+def _placeholder(value: object, key: str) -> str:
+    text = _str(value, key)
+    if not re.fullmatch(r"[\x21-\x7e]{3,64}", text):
+        raise ConfigError(key, "expected 3-64 printable ASCII characters, e.g. %unsubscribe_url%")
+    return text
+
+
 def _read_unsubscribe(s: _Section) -> UnsubscribeConfig:
+    placeholder = s.get("placeholder", DEFAULT_PLACEHOLDER, _placeholder)
+
+    def footer(value: object, key: str) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(key, "expected a string")
+        text = value  # not stripped: leading and trailing line breaks are the operator's
+        if placeholder not in text:
+            raise ConfigError(key, f"must contain the placeholder {placeholder}")
+        return text.replace("\r\n", "\n").replace("\n", "\r\n")
+
+    default_text = DEFAULT_FOOTER_TEXT.replace(DEFAULT_PLACEHOLDER, placeholder)
+    default_html = DEFAULT_FOOTER_HTML.replace(DEFAULT_PLACEHOLDER, placeholder)
     cfg = UnsubscribeConfig(
         mailto_domain=s.get("mailto_domain", None, _domain),
         mailto_local_part=s.get("mailto_local_part", "unsubscribe", _local_part),
+        placeholder=placeholder,
+        footer=s.get("footer", False, _bool),
+        footer_text=s.get("footer_text", default_text, footer),
+        footer_html=s.get("footer_html", default_html, footer),
     )
     s.done()
     return cfg
@@ -815,13 +852,47 @@ def _read_milter(s: _Section) -> MilterConfig:
     return cfg
 
 
+def _feedback_id(value: object, key: str) -> str:
+    """A ``Feedback-ID`` template: printable ASCII, only the known ``{fields}``."""
+    text = _str(value, key)
+    if not re.fullmatch(r"[\x21-\x7e]{1,200}", text):
+        raise ConfigError(key, "expected up to 200 printable ASCII characters without spaces")
+    rest = text
+    for name in FEEDBACK_ID_FIELDS:
+        rest = rest.replace("{" + name + "}", "")
+    if "{" in rest or "}" in rest:
+        fields = ", ".join("{" + f + "}" for f in FEEDBACK_ID_FIELDS)
+        raise ConfigError(key, f"unknown or unbalanced {{field}}; the fields are {fields}")
+    return text
+
+
+def _plain_address(value: object, key: str) -> str:
+    text = _str(value, key).lower()
+    if not re.fullmatch(r"[a-z0-9._%+-]{1,64}@[a-z0-9-]+(\.[a-z0-9-]+)+", text):
+        raise ConfigError(key, "expected a plain address such as fbl@example.com")
+    return text
+
+
+def _read_compliance(s: _Section) -> ComplianceConfig:
+    cfg = ComplianceConfig(
+        cfbl_address=s.get("cfbl_address", None, _plain_address),
+        feedback_id=s.get("feedback_id", None, _feedback_id),
+        require_body_link=s.get("require_body_link", False, _bool),
+    )
+    s.done()
+    return cfg
+
+
 def _check_inbound(config: Config) -> None:
     """The listener needs at least one address to accept mail for (it never relays)."""
     bounces = config.bounces
     if bounces.listen is None:
         return
     group_mailto = any(g.mailto for g in config.policy.groups.values())
-    if not (bounces.accepted_addresses() or config.unsubscribe.mailto_domain or group_mailto):
+    cfbl = config.compliance.cfbl_address
+    if not (
+        bounces.accepted_addresses() or config.unsubscribe.mailto_domain or group_mailto or cfbl
+    ):
         raise ConfigError(
             "bounces.listen",
             "no address to accept mail for: set bounces.return_path_domain,"
@@ -934,6 +1005,7 @@ def parse_config(raw: object, source: Path | None = None) -> Config:
         events=_read_events(top.section("events")),
         bounces=_read_bounces(top.section("bounces")),
         unsubscribe=_read_unsubscribe(top.section("unsubscribe")),
+        compliance=_read_compliance(top.section("compliance")),
         log=_read_log(top.section("log")),
         esp_webhooks=_read_esp_webhooks(top),
         state_dir=top.get("state_dir", DEFAULT_STATE_DIR, lambda v, k: base / _str(v, k)),

@@ -194,6 +194,8 @@ class GroupConfig:
     display_name: str
     list_id: str | None = None
     mailto: str | None = None
+    feedback_id: str | None = None
+    """This group's ``Feedback-ID`` template, instead of ``compliance.feedback_id``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +223,8 @@ class SuppressionConfig:
     hard_bounce_days: float | None = 180
     soft_bounce_days: tuple[float, ...] = (7, 14, 30, 180)
     manual_days: float | None = None
+    unsubscribe_days: float | None = None
+    """An unsubscribe lapses after this many days (None: never; 90 mails again after 90 days)."""
     patterns: tuple[str, ...] = ()
     patterns_block_transactional: bool = False
 
@@ -320,11 +324,25 @@ class BouncesConfig:
         return own + self.feedback_addresses
 
 
+DEFAULT_PLACEHOLDER = "%unsubscribe_url%"
+DEFAULT_FOOTER_TEXT = "\r\n\r\nTo unsubscribe: %unsubscribe_url%\r\n"
+DEFAULT_FOOTER_HTML = '<p style="font-size:small"><a href="%unsubscribe_url%">Unsubscribe</a></p>'
+MAX_MAILTO_LOCAL_PART = 64 - 1 - 16
+"""A mailto address's local part leaves room for ``+<code>`` (``relay.mail.mailto``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class UnsubscribeConfig:
     mailto_domain: str | None = None
-    """Set: marketing mail also offers ``<mailto:LOCAL@DOMAIN?subject=unsubscribe%20TOKEN>``."""
+    """Set: marketing mail also offers ``<mailto:LOCAL+CODE@DOMAIN?subject=unsubscribe%20TOKEN>``
+    (``relay.mail.mailto``: the code alone names recipient and group, as Apple Mail needs)."""
     mailto_local_part: str = "unsubscribe"
+    placeholder: str = DEFAULT_PLACEHOLDER
+    """Replaced in marketing mail's text parts by each recipient's https URL."""
+    footer: bool = False
+    """Append ``footer_text`` / ``footer_html`` when a marketing message has no placeholder."""
+    footer_text: str = DEFAULT_FOOTER_TEXT
+    footer_html: str = DEFAULT_FOOTER_HTML
 
     @property
     def mailto_address(self) -> str | None:
@@ -374,6 +392,21 @@ class MilterConfig:
 
 
 DEFAULT_STATE_DIR = Path("/var/lib/oneclick-relay")
+FEEDBACK_ID_FIELDS = ("group", "class", "domain")
+"""What a ``Feedback-ID`` template may name: ``{group}``, ``{class}``, ``{domain}`` (From's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ComplianceConfig:
+    """Complaint-feedback headers (RFC 9477 CFBL, Gmail's Feedback-ID) and the body-link lint."""
+
+    cfbl_address: str | None = None
+    """Set: marketing mail carries ``CFBL-Address: <it>; report=arf`` and a per-recipient
+    ``CFBL-Feedback-ID``; the inbound listener takes mail for it (ARF reports)."""
+    feedback_id: str | None = None
+    """``Feedback-ID`` template for marketing mail, e.g. ``{group}:{class}:exco``."""
+    require_body_link: bool = False
+    """Refuse (550 5.7.0) marketing mail with neither the placeholder nor an https link."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +423,7 @@ class Config:
     events: EventsConfig = EventsConfig()
     bounces: BouncesConfig = BouncesConfig()
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
+    compliance: ComplianceConfig = ComplianceConfig()
     log: LogConfig = LogConfig()
     esp_webhooks: tuple[EspWebhookConfig, ...] = ()
     milter: MilterConfig = MilterConfig()

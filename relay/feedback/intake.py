@@ -42,6 +42,7 @@ from relay.feedback.bounces import (
 )
 from relay.feedback.record import Attribution, Feedback
 from relay.mail.address import normalize_address
+from relay.mail.mailto import code_in
 from relay.mail.tokens import TokenClaims, TokenError
 from relay.mail.verp import ForgedCode, Verp, VerpClaims, VerpRef
 from relay.metrics import Metrics
@@ -56,6 +57,10 @@ Role = Literal["bounce", "unsubscribe"]
 _TOKEN_LOCAL = re.compile(r"^[^+@]+\+([A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,})@")
 MAX_TOKENS = 16
 """Unsubscribe tokens read from one bounce's text (each costs a decryption)."""
+_CFBL_FEEDBACK_ID = re.compile(
+    r"^CFBL-Feedback-ID:[ \t]*([A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,1024})(?![\w.-])",
+    re.IGNORECASE | re.MULTILINE,
+)
 COMPLAINT_TYPES = frozenset({"abuse", "fraud"})
 """ARF Feedback-Types that are a person's complaint; not-spam, virus, auth-failure are not."""
 
@@ -75,7 +80,10 @@ class Addresses:
 
     def __init__(self, config: Config, verp: Verp | None) -> None:
         self._verp = verp
-        self._feedback = {normalize_address(a) for a in config.bounces.feedback_addresses}
+        feedback = list(config.bounces.feedback_addresses)
+        if config.compliance.cfbl_address:  # RFC 9477 reports come back to it
+            feedback.append(config.compliance.cfbl_address)
+        self._feedback = {normalize_address(a) for a in feedback}
         unsub = [config.unsubscribe.mailto_address]
         unsub += [g.mailto for g in config.policy.groups.values()]
         self._unsubscribe = {normalize_address(a) for a in unsub if a}
@@ -84,7 +92,8 @@ class Addresses:
         normalized = normalize_address(address)
         local, _, domain = normalized.rpartition("@")
         plain = f"{local.split('+', 1)[0]}@{domain}"
-        if normalized in self._unsubscribe or plain in self._unsubscribe:
+        coded = f"{local.rsplit('+', 1)[0]}@{domain}"
+        if {normalized, plain, coded} & self._unsubscribe:
             return "unsubscribe"
         if normalized in self._feedback or (self._verp is not None and self._verp.is_own(address)):
             return "bounce"
@@ -173,11 +182,15 @@ class Intake:
         """Parse and search the text in a worker thread: nothing scans a bounce on the loop.
 
         The return paths (``Verp.find``, bounded) and at most ``MAX_TOKENS``
-        unsubscribe tokens quoted in the text are collected here, once.
+        unsubscribe tokens quoted in the text are collected here, once: those of
+        ``CFBL-Feedback-ID`` fields first (they survive a report that redacts addresses
+        and URLs), then those of unsubscribe URLs.
         """
         report = parse(data)
         quoted = self._verp.find(report.text) if self._verp is not None else []
-        tokens = [m.group(1) for m in islice(self._token_url.finditer(report.text), MAX_TOKENS)]
+        cfbl = (m.group(1) for m in _CFBL_FEEDBACK_ID.finditer(report.text))
+        urls = (m.group(1) for m in self._token_url.finditer(report.text))
+        tokens = [*islice(cfbl, MAX_TOKENS), *islice(urls, MAX_TOKENS)][:MAX_TOKENS]
         return replace(report, text="", tokens=tuple(dict.fromkeys(tokens))), quoted
 
     def explain(self, block: RecipientReport) -> Classification:
@@ -245,23 +258,41 @@ class Intake:
     # -- mailto unsubscribe ----------------------------------------------------
 
     async def _mailto(self, inbound_id: str, report: Inbound, recipients: Sequence[str]) -> Result:
+        """By the code in the address (any Subject, body, From or Auto-Submitted), else a token.
+
+        Apple Mail's request has an empty Subject, a stock body and ``Auto-Submitted:
+        auto-replied``: the address it was sent to is all there is to go by.
+        """
+        addresses = (*recipients, *report.addressed_to)
+        code = next((c for a in addresses if (c := code_in(a)) is not None), None)
         token = token_in_subject(report.subject)
-        for address in (*recipients, *report.addressed_to):
+        for address in addresses:
             m = _TOKEN_LOCAL.match(address)
             if token is None and m is not None:
                 token = m.group(1)
-        if token is None:
+        if code is None and token is None:
             return Result(inbound_id, "mailto", "no-token")
+        via = "code" if code is not None else "token"
         try:
-            done = await self._unsubscriber.unsubscribe(token, "mailto")
+            if code is not None:
+                done = await self._unsubscriber.unsubscribe_code(code, "mailto")
+            else:
+                assert token is not None
+                done = await self._unsubscriber.unsubscribe(token, "mailto")
         except TokenError as exc:
-            return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
+            if token is None or code is None:
+                return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
+            try:  # a code that expired, beside a token in the Subject that did not
+                done = await self._unsubscriber.unsubscribe(token, "mailto")
+                via = "token"
+            except TokenError:
+                return Result(inbound_id, "mailto", "invalid-token", f"error={exc}")
         claims = done.claims
         return Result(
             inbound_id,
             "mailto",
             "journaled" if done.journaled else "processed",
-            f"rcpt={claims.recipient} group={claims.group}",
+            f"rcpt={claims.recipient} group={claims.group} via={via}",
         )
 
     # -- bounces and complaints ------------------------------------------------
@@ -366,7 +397,8 @@ class Intake:
         return None
 
     def _token_claims(self, report: Inbound) -> TokenClaims | None:
-        """The recipient and group of the unsubscribe token in the returned original."""
+        """The recipient and group of the token in the returned original: its
+        ``CFBL-Feedback-ID``, else its unsubscribe URL (collected by ``_read``)."""
         for token in report.tokens:
             try:
                 return self._unsubscriber.inspect(token)

@@ -45,6 +45,7 @@ from relay.suppression.transfer import (
     export_csv,
     export_row,
     import_lines,
+    remove_lines,
     stats,
 )
 
@@ -123,6 +124,7 @@ class AdminApi:
             web.get("/admin/suppressions", self.export),
             web.post("/admin/suppressions", self.add),
             web.post("/admin/suppressions/import", self.import_),
+            web.post("/admin/suppressions/remove", self.remove_file),
             web.get("/admin/suppressions/{address}", self.show),
             web.delete("/admin/suppressions/{address}", self.remove),
             web.get("/admin/stats", self.stats),
@@ -337,6 +339,20 @@ class AdminApi:
         )
         return web.json_response(report.as_dict())
 
+    async def remove_file(self, request: web.Request) -> web.Response:
+        """Bulk re-subscribe, as ``suppress remove --file``; complaints are never removed."""
+        if request.content_length and request.content_length > MAX_IMPORT_BYTES:
+            return _bad("file larger than 32 MiB: split it", 413)
+        text = (await request.content.read(MAX_IMPORT_BYTES)).decode("utf-8-sig", "replace")
+        report = await remove_lines(
+            self._store,
+            text.splitlines(),
+            scope=_scope(request.query),
+            source="admin-remove",
+            dry_run=request.query.get("dry_run", "").lower() in ("1", "true", "yes"),
+        )
+        return web.json_response(report.as_dict())
+
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response((await stats(self._store)).as_dict())
 
@@ -534,6 +550,18 @@ OPENAPI: dict[str, Any] = {
                 ],
                 "requestBody": {"content": {"text/plain": {"schema": {"type": "string"}}}},
                 "responses": {"200": _ok("accepted, duplicates and invalid lines")},
+            }
+        },
+        "/admin/suppressions/remove": {
+            "post": {
+                "summary": "Re-subscribe many: one address per line or a CSV (address column);"
+                " complaint entries are never removed in bulk",
+                "parameters": [
+                    *_SCOPE_PARAMS,
+                    {"name": "dry_run", "in": "query", "schema": {"type": "boolean"}},
+                ],
+                "requestBody": {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                "responses": {"200": _ok("per-line outcome and totals")},
             }
         },
         "/admin/suppressions/{address}": {

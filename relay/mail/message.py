@@ -141,11 +141,20 @@ class Message:
         kept = tuple(h for h in self.headers if h.lname not in drop) if drop else self.headers
         return Message((*prepend, *kept, *append), self.body)
 
+    def with_body(self, body: bytes) -> Message:
+        """The same fields over another body (CRLF line endings, as ``parse`` makes them)."""
+        return Message(self.headers, body)
+
     def header_bytes(self) -> bytes:
         return b"".join(h.raw for h in self.headers)
 
     def to_bytes(self) -> bytes:
         return self.header_bytes() + b"\r\n" + self.body
+
+
+def split_fields(block: bytes) -> list[Header]:
+    """The fields of a header block (up to a line that is not a field)."""
+    return _split_fields(block)[0]
 
 
 def _split_fields(block: bytes) -> tuple[list[Header], int | None]:

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from prometheus_client import Histogram
 
 from relay.config import Config
-from relay.errors import SmtpError, SmtpReply, StoreUnavailable, TempFail
+from relay.errors import PermFail, SmtpError, SmtpReply, StoreUnavailable, TempFail
 from relay.eventlog import EventLog
 from relay.feedback.bounces import Classifier
 from relay.feedback.record import Attribution, Feedback
 from relay.mail import headers
 from relay.mail.address import domain_of
+from relay.mail.body import BodyLinks, Footer, has_https_link
 from relay.mail.dkim import DkimKey, Signer, body_hash
 from relay.mail.message import Header, Message, from_address
 from relay.mail.tokens import TokenCodec
@@ -41,6 +42,7 @@ from relay.model import Envelope, Route
 from relay.outbound.policy import Policy
 from relay.outbound.retry import RetryCopy, RetryQueue
 from relay.outbound.upstream import NO_SMTPUTF8, Outbound, Upstream
+from relay.suppression.mailto import MailtoCodes
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import Lookup, SuppressionStore
 
@@ -106,6 +108,16 @@ class InPlace:
     """The header block as the MTA handed it over, parsed once: what ``headers`` replaces."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Personal:
+    """Per-recipient parts of a marketing copy, prepared once per message."""
+
+    codes: dict[str, str] = field(default_factory=dict)
+    """Each recipient's mailto code (``relay.mail.mailto``); empty without mailto."""
+    links: BodyLinks | None = None
+    """The body with slots for the recipient's URL; None: the body is shared."""
+
+
 @dataclass(slots=True)
 class Trace:
     """What the per-message log line says."""
@@ -137,9 +149,12 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         verp: Verp | None = None,
         feedback: Feedback | None = None,
+        mailto: MailtoCodes | None = None,
     ) -> None:
-        """``verp``: per-copy return paths; ``feedback``: judge the upstream's refusals."""
+        """``verp``: per-copy return paths; ``feedback``: judge the upstream's refusals;
+        ``mailto``: the codes in the mailto unsubscribe address."""
         self._verp = verp
+        self._mailto = mailto
         self._feedback = feedback
         self._classifier = Classifier.from_config(config.bounces)
         self._config = config
@@ -341,8 +356,18 @@ class Pipeline:
                     )
             trace.signed = ",".join(f"{k.selector}/{k.algorithm}" for k in keys) or "unsigned"
             bh = body_hash(base.body) if keys else b""
+            # milter mode: the MTA keeps its own body for the kept copy, so no body rewrite
+            personal = await self._personal(base, kept, route, trace.queue_id, split_shared)
             copies = self._copies(
-                base, kept, route, keys, bh, envelope.mail_from, trace.queue_id, split_shared
+                base,
+                kept,
+                route,
+                keys,
+                bh,
+                envelope.mail_from,
+                trace.queue_id,
+                split_shared,
+                personal,
             )
         return _Prepared(route, lookup, copies, message.headers)
 
@@ -404,6 +429,7 @@ class Pipeline:
             remove = (
                 (*headers.LIST_HEADERS, "list-id") if not self._keeps_app(message, route) else ()
             )
+            remove += headers.compliance_names(self._config.compliance)
         return message.replace(
             remove=remove,
             prepend=(
@@ -413,6 +439,73 @@ class Pipeline:
             ),
             append=headers.missing_defaults(message, hostname, now),
         )
+
+    async def _personal(
+        self,
+        base: Message,
+        rcpts: tuple[str, ...],
+        route: Route,
+        queue_id: str,
+        rewrite_body: bool = True,
+    ) -> _Personal:
+        """What differs per marketing recipient beyond the token: mailto code, body link."""
+        if not route.is_marketing:
+            return _Personal()
+        keeps_app = self._keeps_app(base, route)
+        links = None if keeps_app else self._body_links(base)
+        if links is None:
+            self._lint_body_link(base, route)
+        if keeps_app:
+            return _Personal()
+        codes = await self._mailto_codes(base, rcpts, route, queue_id)
+        return _Personal(codes, links if rewrite_body else None)
+
+    def _lint_body_link(self, base: Message, route: Route) -> None:
+        """A marketing message with neither the placeholder nor any https link in its body
+        is counted, and refused with ``compliance.require_body_link``."""
+        if has_https_link(base.header_bytes(), base.body):
+            return
+        self._metrics.compliance.labels("no-body-link").inc()
+        self._counters.add("no-body-link", route.group or self._policy.config.default_group)
+        if self._config.compliance.require_body_link:
+            placeholder = self._config.unsubscribe.placeholder
+            raise PermFail(
+                "5.7.0",
+                f"marketing mail needs a visible unsubscribe link: put {placeholder} in its"
+                " text and HTML parts (the relay puts each recipient's link there), or set"
+                " unsubscribe.footer: true",
+            )
+
+    def _body_links(self, base: Message) -> BodyLinks | None:
+        """The body as a template when it has the placeholder (or a footer is wanted)."""
+        unsub = self._config.unsubscribe
+        footer = Footer(unsub.footer_text, unsub.footer_html) if unsub.footer else None
+        links = BodyLinks.find(base.header_bytes(), base.body, unsub.placeholder, footer)
+        outcome = "none" if links is None else "footer" if links.footer else "placeholder"
+        self._metrics.body_links.labels(outcome).inc()
+        return links
+
+    async def _mailto_codes(
+        self, base: Message, rcpts: tuple[str, ...], route: Route, queue_id: str
+    ) -> dict[str, str]:
+        """Each marketing recipient's mailto code, stored in one round trip.
+
+        Without Redis the copies still go out, their mailto address without a code
+        (the token in its subject still works where the client keeps the subject).
+        """
+        if self._mailto is None:
+            return {}
+        group_name = route.group or self._policy.config.default_group
+        group = self._policy.config.groups.get(group_name)
+        if headers.mailto_address(group, self._config.unsubscribe.mailto_address) is None:
+            return {}
+        sender = route.sender if route.unsubscribe_scope == "sender" else None
+        try:
+            return await self._mailto.issue(rcpts, group_name, route.unsubscribe_scope, sender)
+        except StoreUnavailable as exc:
+            self._metrics.redis_errors.labels("mailto-without-code").inc()
+            log.warning("mailto codes not stored", id=queue_id, error=exc)
+            return {}
 
     @staticmethod
     def _keeps_app(message: Message, route: Route) -> bool:
@@ -428,6 +521,7 @@ class Pipeline:
         mail_from: str,
         queue_id: str,
         split_shared: bool = True,
+        extra: _Personal | None = None,
     ) -> Iterator[_Copy]:
         """The signed copies to send, built one at a time as the delivery workers ask.
 
@@ -435,13 +529,17 @@ class Pipeline:
         application's own List-Unsubscribe) is signed once and sent once per recipient,
         each with its own return path.
         """
+        extra = extra or _Personal()
         shared = None
         if not route.is_marketing:
             shared = self._sign(base, keys, bh)
         elif self._keeps_app(base, route):
             fixed = base.replace(
                 remove=("list-unsubscribe-post",),
-                append=[Header.build("List-Unsubscribe-Post", headers.ONE_CLICK)],
+                append=[
+                    Header.build("List-Unsubscribe-Post", headers.ONE_CLICK),
+                    *self._compliance(route, None),
+                ],
             )
             shared = self._sign(fixed, keys, bh)
         if shared is not None:
@@ -461,16 +559,35 @@ class Pipeline:
                 token = self._tokens.issue(rcpt, group_name, route.unsubscribe_scope, sender)
                 url = headers.unsubscribe_url(public_url, token)
                 fields = headers.one_click_headers(
-                    url, group, token, self._config.unsubscribe.mailto_address
+                    url,
+                    group,
+                    token,
+                    self._config.unsubscribe.mailto_address,
+                    extra.codes.get(rcpt),
                 )
-                personal = base.replace(prepend=fields)
+                personal = base.replace(prepend=[*fields, *self._compliance(route, token)])
+                copy_bh = bh
+                if extra.links is not None:  # before signing: the body hash is this copy's
+                    personal = personal.with_body(extra.links.render(url))
+                    copy_bh = body_hash(personal.body) if keys else b""
                 return_path = self._return_path(mail_from, rcpt, group_name, queue_id)
-                signed = self._sign(personal, keys, bh)
+                signed = self._sign(personal, keys, copy_bh)
             except Exception:  # one recipient's copy must not stop the others
                 log.exception("copy not built", id=queue_id, rcpt=rcpt)
                 yield _Copy((rcpt,), (), base.body, mail_from, BUILD_FAILED)
                 continue
-            yield _Copy((rcpt,), signed, base.body, return_path)
+            yield _Copy((rcpt,), signed, personal.body, return_path)
+
+    def _compliance(self, route: Route, token: str | None) -> list[Header]:
+        """CFBL-Address, CFBL-Feedback-ID (the copy's token) and Feedback-ID, as configured."""
+        group_name = route.group or self._policy.config.default_group
+        return headers.compliance_headers(
+            self._config.compliance,
+            self._policy.config.groups.get(group_name),
+            group_name,
+            domain_of(route.sender),
+            token,
+        )
 
     def _sign(self, message: Message, keys: list[DkimKey], bh: bytes) -> tuple[Header, ...]:
         """The copy's header block: the signatures on top of the signed fields."""
@@ -525,8 +642,9 @@ class Pipeline:
         if not accepted:
             return next((replies[r] for r in deferred), None) or replies[refused[0]]
         queued = 0
-        body = b""
-        items: list[RetryCopy] = []
+        # copies share one body (one stored body per message), unless a body link made
+        # each copy's its own: one queued message per distinct body object
+        by_body: dict[int, tuple[bytes, list[RetryCopy]]] = {}
         for rcpt in deferred:
             copy = deferred_copies.get(rcpt)
             if copy is None or copy.failed is not None:
@@ -537,9 +655,9 @@ class Pipeline:
                 replies[rcpt] = NOT_QUEUED
                 self._metrics.retry.labels("not-queued").inc()
                 continue
-            body = copy.body  # every copy of a message shares it
-            items.append(RetryCopy(copy.mail_from, rcpt, copy.head, str(replies[rcpt])))
-        if items:
+            item = RetryCopy(copy.mail_from, rcpt, copy.head, str(replies[rcpt]))
+            by_body.setdefault(id(copy.body), (copy.body, []))[1].append(item)
+        for body, items in by_body.values():
             try:
                 await self._retry.put_message(items, body, self._upstream.identity)
             except StoreUnavailable as exc:
@@ -554,8 +672,8 @@ class Pipeline:
                     replies[item.rcpt] = NOT_QUEUED
                 self._metrics.retry.labels("not-queued").inc(len(items))
             else:
-                queued = len(items)
-                self._metrics.retry.labels("queued").inc(queued)
+                queued += len(items)
+                self._metrics.retry.labels("queued").inc(len(items))
         trace.queued = queued
         deferred = [r for r in deferred if replies[r].is_temporary]
         refused = [r for r, reply in replies.items() if reply.is_permanent]

@@ -60,6 +60,7 @@ from relay.store.inbound import InboundLog
 from relay.store.journal import Journal
 from relay.store.keys import Keys
 from relay.store.ledger import Ledger
+from relay.suppression.mailto import MailtoCodes
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionPolicy, SuppressionStore
 from relay.suppression.unsubscribe import Unsubscriber
@@ -236,14 +237,23 @@ class Handling:
     intake: Intake
     esp: EspIntake
     """ESP webhook events (``esp_webhooks``)."""
+    mailto: MailtoCodes
+    """The codes in the mailto unsubscribe address: issued by the pipeline, read by intake."""
 
 
 def handling(config: Config, parts: Stores, metrics: Metrics) -> Handling:
     tokens = TokenCodec(config.tokens)
     verp = Verp.from_config(config)
     feedback = Feedback(parts.store, config.bounces.thresholds, parts.counters, metrics)
+    mailto = MailtoCodes.from_config(config, parts.redis)
     unsubscriber = Unsubscriber(
-        tokens, parts.store, config.policy, metrics, parts.counters, parts.journal
+        tokens,
+        parts.store,
+        config.policy,
+        metrics,
+        parts.counters,
+        journal=parts.journal,
+        mailto=mailto,
     )
     intake = Intake(
         config=config,
@@ -263,7 +273,7 @@ def handling(config: Config, parts: Stores, metrics: Metrics) -> Handling:
         metrics=metrics,
         classifier=Classifier.from_config(config.bounces),
     )
-    return Handling(tokens, verp, feedback, unsubscriber, intake, esp)
+    return Handling(tokens, verp, feedback, unsubscriber, intake, esp, mailto)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +319,7 @@ def live(
         counters=parts.counters,
         verp=handled.verp,
         feedback=handled.feedback,
+        mailto=handled.mailto,
     )
     judge = RetryJudge(handled.feedback, Classifier.from_config(config.bounces), handled.verp)
     return Live(config, handled, policy, signer, upstream, pipeline, judge)

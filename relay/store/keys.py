@@ -20,6 +20,7 @@ the tag ``{queue}`` so its Lua scripts touch one slot::
     {prefix}:{stats}:unsubscribe-days HASH    new unsubscribes per day (same slot: reconciled
                                               together in one MULTI)
     {prefix}:seen:<namespace>:<hash>  STRING  an id acted on once (webhook events), expiring
+    {prefix}:mailto:{<code>}          STRING  what a mailto unsubscribe code names
 """
 
 from __future__ import annotations
@@ -78,3 +79,6 @@ class Keys:
     @property
     def stats_unsubscribe_days(self) -> str:
         return f"{self.prefix}:{{stats}}:unsubscribe-days"
+
+    def mailto(self, code: str) -> str:
+        return f"{self.prefix}:mailto:{{{code}}}"

@@ -32,6 +32,7 @@ METRICS = (
     "policy-bounce",
     "complaint",
     "unsubscribe",
+    "no-body-link",
 )
 KEEP_SECONDS = 400 * 86400
 GMAIL_GOAL = 0.001

@@ -133,6 +133,7 @@ class SuppressionPolicy:
     hard_bounce_ttl: float | None = 180 * DAY
     soft_bounce_ttls: tuple[float, ...] = (7 * DAY, 14 * DAY, 30 * DAY, 180 * DAY)
     manual_ttl: float | None = None
+    unsubscribe_ttl: float | None = None
     patterns: tuple[str, ...] = ()
     patterns_block_transactional: bool = False
 
@@ -145,6 +146,7 @@ class SuppressionPolicy:
             hard_bounce_ttl=seconds(config.hard_bounce_days),
             soft_bounce_ttls=tuple(d * DAY for d in config.soft_bounce_days),
             manual_ttl=seconds(config.manual_days),
+            unsubscribe_ttl=seconds(config.unsubscribe_days),
             patterns=config.patterns,
             patterns_block_transactional=config.patterns_block_transactional,
         )
@@ -156,7 +158,9 @@ class SuppressionPolicy:
             return self.manual_ttl
         if reason == "soft-bounce":
             return self.soft_bounce_ttls[0]
-        return None
+        if reason == "unsubscribe":
+            return self.unsubscribe_ttl
+        return None  # complaints never expire
 
 
 def group_scope(group: str) -> str:

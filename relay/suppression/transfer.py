@@ -24,8 +24,10 @@ from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
 from relay.mail.address import normalize_address
 from relay.suppression.store import (
+    PROTECTED_REASONS,
     REASONS,
     ImportRow,
+    ProtectedEntry,
     Suppression,
     SuppressionStore,
     describe_scope,
@@ -144,6 +146,90 @@ async def import_lines(
             await flush()
     await flush()
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveLine:
+    """What one line of a re-subscribe file did (or would do, in a dry run)."""
+
+    line: int
+    address: str
+    outcome: str
+    """removed, not-suppressed, protected, duplicate, invalid."""
+    detail: str = ""
+
+
+@dataclass
+class RemoveReport:
+    lines: list[RemoveLine] = field(default_factory=list)
+    dry_run: bool = False
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for line in self.lines if line.outcome == outcome)
+
+    def as_dict(self) -> dict[str, object]:
+        outcomes = ("removed", "not-suppressed", "protected", "duplicate", "invalid")
+        return {
+            "dry_run": self.dry_run,
+            **{o.replace("-", "_"): self.count(o) for o in outcomes},
+            "lines": [
+                {"line": r.line, "address": r.address, "outcome": r.outcome, "detail": r.detail}
+                for r in self.lines
+            ],
+        }
+
+
+async def remove_lines(
+    store: SuppressionStore,
+    lines: Iterable[str],
+    *,
+    scope: str | None,
+    source: str,
+    dry_run: bool = False,
+) -> RemoveReport:
+    """Bulk re-subscribe: one address per line, or a CSV with an ``address`` column
+    (an optional ``group`` or ``sender`` column overrides ``scope`` per row).
+
+    ``scope`` None removes the address's entries in every scope. Complaints stay: an
+    address with a complaint entry (in any scope: the person asked not to be mailed) is
+    reported ``protected`` and nothing of it is removed; the single-address remove with
+    ``--force`` is the audited way.
+    """
+    report = RemoveReport(dry_run=dry_run)
+    seen: set[tuple[str, str]] = set()
+    for item in _parse_lines(lines, scope or "", "manual"):
+        if isinstance(item, tuple):
+            number, text, error = item
+            report.lines.append(RemoveLine(number, text, "invalid", error))
+            continue
+        row_scope = item.scope or None
+        identity = (item.address, item.scope)
+        if identity in seen:
+            report.lines.append(RemoveLine(item.line, item.address, "duplicate"))
+            continue
+        seen.add(identity)
+        report.lines.append(await _remove_one(store, item, row_scope, source, dry_run))
+    return report
+
+
+async def _remove_one(
+    store: SuppressionStore, row: ImportRow, scope: str | None, source: str, dry_run: bool
+) -> RemoveLine:
+    every = await store.entries(row.address)
+    entries = [e for e in every if scope is None or e.scope == scope]
+    protected = [e for e in every if e.reason in PROTECTED_REASONS]
+    if protected:
+        what = f"{describe_scope(protected[0].scope)} {protected[0].reason}"
+        return RemoveLine(row.line, row.address, "protected", f"{what}: never removed in bulk")
+    if not dry_run and entries:
+        try:
+            entries = await store.remove(row.address, scope, None, source=source)
+        except ProtectedEntry as exc:  # a complaint arrived meanwhile
+            return RemoveLine(row.line, row.address, "protected", str(exc))
+    if not entries:
+        return RemoveLine(row.line, row.address, "not-suppressed")
+    detail = ", ".join(f"{describe_scope(e.scope)} {e.reason}" for e in entries)
+    return RemoveLine(row.line, row.address, "removed", detail)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,10 @@ from pathlib import Path
 from relay.config import PolicyConfig
 from relay.errors import StoreUnavailable
 from relay.eventlog import EventLog
-from relay.mail.tokens import TokenClaims, TokenCodec
+from relay.mail.tokens import MalformedToken, TokenClaims, TokenCodec
 from relay.metrics import Metrics
 from relay.store.journal import Journal, JournalError, Record
+from relay.suppression.mailto import MailtoCodes
 from relay.suppression.report import DailyCounters
 from relay.suppression.store import SuppressionStore, scopes_for_unsubscribe
 
@@ -46,11 +47,14 @@ class Unsubscriber:
         policy: PolicyConfig,
         metrics: Metrics,
         counters: DailyCounters,
+        *,
         journal: Journal | None = None,
+        mailto: MailtoCodes | None = None,
     ) -> None:
         """``journal``: where a request goes while Redis is unreachable (None: nowhere)."""
         self._journal = journal
         self._counters = counters
+        self._mailto = mailto
         self._tokens = tokens
         self._store = store
         self._policy = policy
@@ -74,6 +78,24 @@ class Unsubscriber:
         """Write the suppression; the time taken is the dashboard's click-to-suppression."""
         started = time.perf_counter()
         claims = self._tokens.verify(token)
+        return await self._apply(claims, channel, started, user_agent, client)
+
+    async def unsubscribe_code(self, code: str, channel: str) -> Unsubscribed:
+        """The same for a mailto code (``relay.mail.mailto``); raises ``TokenError``."""
+        started = time.perf_counter()
+        if self._mailto is None:
+            raise MalformedToken("mailto codes are not configured")
+        claims = await self._mailto.resolve(code)
+        return await self._apply(claims, channel, started)
+
+    async def _apply(
+        self,
+        claims: TokenClaims,
+        channel: str,
+        started: float,
+        user_agent: str = "",
+        client: str = "",
+    ) -> Unsubscribed:
         scope = scopes_for_unsubscribe(claims.scope, claims.group, claims.sender)
         detail = f"ua={user_agent[:120]!r} ip={self._tokens.fingerprint(client)}" if client else ""
         journaled = False

@@ -96,7 +96,8 @@ async def counts(relay: Relay, redis_url: str) -> dict[str, dict[str, int]]:
         rows = await daily_report(client, "ocr", 1)
     finally:
         await client.aclose()
-    return {r.group: r.counts for r in rows}
+    # the sample newsletters have no body link; that lint is tested on its own
+    return {r.group: {k: v for k, v in r.counts.items() if k != "no-body-link"} for r in rows}
 
 
 def metric(relay: Relay, line: str) -> bool:
@@ -130,7 +131,10 @@ async def test_every_copy_gets_its_own_verified_return_path(brelay: Relay, sink:
     uris = lu.group(1).decode().replace("\r\n", "").split(", ")
     assert uris[0].startswith("<https://unsub.example.com/u/")
     token = token_of(marketing.data)
-    assert uris[1] == f"<mailto:unsubscribe@unsub-mail.example.com?subject=unsubscribe%20{token}>"
+    assert re.fullmatch(
+        rf"<mailto:unsubscribe\+[a-z2-7]{{16}}@unsub-mail\.example\.com\?subject=unsubscribe%20{token}>",
+        uris[1],
+    ), uris[1]
 
 
 async def test_null_reverse_path_stays_null(brelay: Relay, sink: Sink) -> None:

@@ -140,7 +140,7 @@ async def test_group_mailto_and_list_id(
     value = b" ".join(m.group(1).split())
     assert re.fullmatch(
         rb"<https://unsub\.example\.com/u/(k1\.[\w-]+)>, "
-        rb"<mailto:unsubscribe@example\.com\?subject=unsubscribe%20(k1\.[\w-]+)>",
+        rb"<mailto:unsubscribe\+[a-z2-7]{16}@example\.com\?subject=unsubscribe%20(k1\.[\w-]+)>",
         value,
     )
     assert b"List-Id: News <news.example.com>\r\n" in data
