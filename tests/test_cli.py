@@ -320,6 +320,7 @@ def readme_block(after: str) -> list[str]:
 def test_suppression_examples_run_as_written(config_file: Path, tmp_path: Path) -> None:
     """The README's suppress block, word for word, config from ONECLICK_RELAY_CONFIG."""
     (tmp_path / "customers.csv").write_text("address,name\ncarol@example.com,Carol\n")
+    (tmp_path / "back.csv").write_text("address\nbob@example.com\n")
     env = {**os.environ, "ONECLICK_RELAY_CONFIG": str(config_file)}
     lines = readme_block("(`suppress pattern add`), and are checked in the same single")
     assert len(lines) >= 10, lines

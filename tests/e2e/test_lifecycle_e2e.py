@@ -249,7 +249,9 @@ async def test_a_port_in_use_is_one_line_exit_1_and_leaves_no_embedded_redis(
 async def test_workers_and_their_embedded_redis_all_stop_on_sigterm(
     config_dict: dict[str, Any], tmp_path: Path
 ) -> None:
-    del config_dict["redis"]
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    config_dict["redis"] = {"url": "embedded", "data_dir": str(data)}
     config_dict["smtp"]["workers"] = 2
     smtp = free_port()
     config_dict["smtp"]["listen"] = f"127.0.0.1:{smtp}"

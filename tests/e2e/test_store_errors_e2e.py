@@ -107,11 +107,15 @@ async def test_admin_api_answers_503(down: Relay) -> None:
         assert "Traceback" not in body
 
 
-async def test_one_click_post_answers_503(down: Relay) -> None:
+async def test_one_click_post_is_journaled(down: Relay) -> None:
+    """The mapped error reaches the unsubscriber, which keeps the request in the journal."""
     status, body = await http(
         down, "POST", f"/u/{a_token(down)}", data={"List-Unsubscribe": "One-Click"}
     )
-    assert (status, body) == (503, "Service temporarily unavailable, please try again later.\n")
+    assert (status, body) == (200, "Unsubscribed from Example News.\n")
+    status, body = await http(down, "GET", "/healthz")
+    assert status == 503
+    assert '"journal_pending": 1' in body
 
 
 async def test_smtp_marketing_gets_451(down: Relay, sink: Sink) -> None:
