@@ -8,6 +8,8 @@ import copy
 import http.client
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -199,3 +201,27 @@ def perl_dkim_results(data: bytes, dns_file: Path) -> list[tuple[str, list[str]]
         status, _d, _s, _a, h, _detail = line.split("\t")
         results.append((status, h.removeprefix("h=").lower().split(":")))
     return results
+
+
+async def start_serve(path: Path, log: Path, smtp_port: int) -> subprocess.Popen[str]:
+    """``oneclick-relay serve -c path`` as a child, output in ``log``; returns once its SMTP
+    port answers (fails the test, with the log, if it exits or never listens)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a long-running child, not awaited here
+            [sys.executable, "-m", "relay", "serve", "-c", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    for _ in range(150):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", smtp_port)
+            writer.close()
+            await writer.wait_closed()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"relay did not start:\n{log.read_text()}")  # noqa: ASYNC240

@@ -7,7 +7,6 @@ import asyncio
 import copy
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import Sink
-from helpers import message, smtp_send, write_yaml
+from helpers import message, smtp_send, start_serve, write_yaml
 
 from relay.cli.sink import CaptureHandler, start_sink
 from relay.store.embedded import free_port
@@ -77,25 +76,7 @@ async def serve(config: dict[str, Any], folder: Path, upstream_port: int) -> Pro
     config["state_dir"] = str(folder / "state")
     path = write_yaml(folder / "relay.yaml", config)
     log = folder / "relay.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - a long-running child, not awaited here
-            [sys.executable, "-m", "relay", "serve", "-c", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    for _ in range(150):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", smtp)
-            writer.close()
-            await writer.wait_closed()
-            return Process(proc, smtp, log)
-        except OSError:
-            if proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"relay did not start:\n{log.read_text()}")
+    return Process(await start_serve(path, log, smtp), smtp, log)
 
 
 async def wait_for(predicate: Any, seconds: float = 20) -> None:

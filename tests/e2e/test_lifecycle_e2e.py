@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Sink
-from helpers import children, group_members, message, smtp_send, write_yaml
+from helpers import children, group_members, message, smtp_send, start_serve, write_yaml
 
 from relay.store.embedded import free_port
 
@@ -36,25 +36,8 @@ async def serve(config: dict[str, Any], tmp_path: Path, workers: int = 1) -> Ser
     config["http"]["listen"] = f"127.0.0.1:{http}"
     path = write_yaml(tmp_path / "relay.yaml", config)
     log = tmp_path / "relay.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - a long-running child, not awaited here
-            [sys.executable, "-m", "relay", "serve", "-c", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    for _ in range(150):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", smtp)
-            writer.close()
-            await writer.wait_closed()
-            return Served(proc, smtp, http, log)
-        except OSError:
-            if proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"relay did not start:\n{log.read_text()}")
+    proc = await start_serve(path, log, smtp)
+    return Served(proc, smtp, http, log)
 
 
 def serve_until_exit(config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
