@@ -15,10 +15,20 @@ from conftest import Keys
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import message, write_yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.config import DkimConfig, DkimKeyConfig, load_config
 from relay.errors import ConfigError
-from relay.mail.dkim import OVERSIGNED, DkimKey, Signer, body_hash, load_key
+from relay.mail.dkim import (
+    OVERSIGNED,
+    DkimKey,
+    Signer,
+    body_hash,
+    load_key,
+    relaxed_body,
+    relaxed_header,
+)
 from relay.mail.message import Header, Message
 
 PERL_TOOL = Path(__file__).parent / "tools" / "dkim_verify.pl"
@@ -476,3 +486,33 @@ def test_load_key_error_names_the_key_of_the_mapping_form(keys: Keys, tmp_path: 
     with pytest.raises(ConfigError) as err:
         Signer.from_config(config.dkim)
     assert err.value.key == "dkim.keys[0].private_key_file"
+
+
+# ---------------------------------------------------------------------------
+# Canonicalization: our replace-based version against dkimpy's regexes
+
+_octets = st.lists(
+    st.sampled_from(
+        [b" ", b"\t", b"\r\n", b"\r", b"\n", b"a", b"b.", b"\x0b", b"  \t ", b"\r\n\r\n"]
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=_octets)
+def test_relaxed_body_is_dkimpy_s(body: bytes) -> None:
+    assert relaxed_body(body) == dkim.canonicalization.Relaxed.canonicalize_body(body)
+
+
+@settings(max_examples=500, deadline=None)
+@given(name=st.sampled_from([b"Subject", b"FROM ", b"X-a\t"]), value=_octets)
+def test_relaxed_header_is_dkimpy_s(name: bytes, value: bytes) -> None:
+    ((cname, cvalue),) = dkim.canonicalization.Relaxed.canonicalize_headers([(name, value)])
+    assert relaxed_header(Header("x", name + b":" + value)) == bytes(cname) + b":" + bytes(cvalue)
+
+
+@pytest.mark.parametrize("tail", [b"", b"\r\n", b"\r\n" * 5000, b"\n\r\n", b"\r\n\r", b"\r\r\n"])
+def test_relaxed_body_end_of_body(tail: bytes) -> None:
+    body = b"text  \t here \r\nmore" + tail
+    assert relaxed_body(body) == dkim.canonicalization.Relaxed.canonicalize_body(body)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from dkim.canonicalization import Relaxed
 
 from relay.config import DkimConfig, DkimKeyConfig
 from relay.errors import ConfigError
@@ -122,13 +121,43 @@ def load_key(entry: DkimKeyConfig, index: int = 0) -> DkimKey:
 
 def body_hash(body: bytes) -> bytes:
     """Base64 SHA-256 of the relaxed-canonical body: once per message."""
-    return base64.b64encode(hashlib.sha256(Relaxed.canonicalize_body(body)).digest())
+    return base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
 
 
-def _relaxed(header: Header) -> bytes:
+def _compress(data: bytes) -> bytes:
+    """Every run of spaces and tabs as one space, with C-speed ``replace`` instead of a regex.
+
+    A run of n needs log2(n) passes; dkimpy's regex, visiting every space, costs about
+    eight times as much on ordinary text.
+    """
+    if b"\t" in data:
+        data = data.replace(b"\t", b" ")
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4, octet for octet what dkimpy's ``Relaxed.canonicalize_body`` gives."""
+    body = _compress(body)
+    if b" \r\n" in body:
+        body = body.replace(b" \r\n", b"\r\n")
+    end = len(body.rstrip(b"\r\n"))
+    if (len(body) - end) % 2 or body[end:] != b"\r\n" * ((len(body) - end) // 2):
+        end = len(body)  # not only CRLF pairs at the end (a bare CR or LF): pair by pair
+        while body.endswith(b"\r\n", 0, end):
+            end -= 2
+    body = body + b"\r\n" if end == len(body) else body[: end + 2]
+    return b"" if body == b"\r\n" else body
+
+
+def relaxed_header(header: Header) -> bytes:
+    """RFC 6376 3.4.2, as dkimpy's ``Relaxed.canonicalize_headers`` gives it."""
     name, value = header.raw.split(b":", 1)
-    ((cname, cvalue),) = Relaxed.canonicalize_headers([(name, value)])
-    return bytes(cname) + b":" + bytes(cvalue)
+    value = value.replace(b"\r\n", b"")
+    if b"\n" in value:
+        value = value.replace(b"\n", b"")
+    return name.lower().rstrip() + b":" + _compress(value).strip() + b"\r\n"
 
 
 def _select(headers: Sequence[Header]) -> tuple[list[str], list[Header]]:
@@ -195,7 +224,7 @@ class Signer:
         ``bh`` is ``body_hash(message.body)``, computed once for all copies.
         """
         names, chosen = _select(message.headers)
-        signed = b"".join(_relaxed(h) for h in chosen)
+        signed = b"".join(relaxed_header(h) for h in chosen)
         timestamp = int(self._clock())
         result = []
         for key in keys:
@@ -206,7 +235,7 @@ class Signer:
                 f" bh={bh.decode()};\r\n b="
             )
             unsigned = Header("DKIM-Signature", f"DKIM-Signature: {tags}".encode())
-            canonical = _relaxed(unsigned)[:-2]  # no CRLF after the signature's own field
+            canonical = relaxed_header(unsigned)[:-2]  # no CRLF after the signature's own field
             signature = base64.b64encode(key.sign(signed + canonical)).decode()
             raw = f"DKIM-Signature: {tags}{_fold_b64(signature, 70)}\r\n".encode()
             result.append(Header("DKIM-Signature", raw))
