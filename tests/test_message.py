@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from email.utils import getaddresses
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import PermFail
 from relay.mail.address import (
+    _PLAIN,
     AddressError,
+    _problem,
+    address_problem,
     canonical_address,
     canonical_domain,
     domain_of,
@@ -20,6 +25,7 @@ from relay.mail.message import (
     Header,
     Message,
     MessageError,
+    _simple_from,
     fold,
     from_address,
     normalize_line_endings,
@@ -429,3 +435,54 @@ def test_canonical_address_refuses_what_has_no_canonical_form(address: str) -> N
 
 def test_domain_of() -> None:
     assert domain_of("News@Mail.Example.COM") == "mail.example.com"
+
+
+# ---------------------------------------------------------------------------
+# Fast paths: each gives what the general code gives, wherever it answers
+
+_atext = st.text("abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=6)
+_local = st.lists(_atext, min_size=1, max_size=3).map(".".join)
+_label = st.text("abz09-", min_size=1, max_size=8)
+_domain = st.lists(_label, min_size=1, max_size=3).map(".".join)
+_junk = st.text('aZ0 .-_"<>@,;:()\\[]\t\r\n=?é', max_size=12)
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    name=st.one_of(
+        st.just(""), st.text('aZ0 ._-,;:()@<"', max_size=10), _junk.map(lambda t: f'"{t}"')
+    ),
+    local=st.one_of(_local, _junk),
+    domain=st.one_of(_domain, _junk),
+    form=st.sampled_from(["{l}@{d}", "<{l}@{d}>", "{n} <{l}@{d}>", "{n}<{l}@{d}>", " {l}@{d} "]),
+    extra=st.one_of(st.just(""), _junk),
+)
+@example(name="a, b", local="x", domain="y.z", form="{n} <{l}@{d}>", extra="")
+@example(name="a", local="x", domain="y.z", form="{n} <{l}@{d}>", extra=" (c)")
+def test_simple_from_agrees_with_the_email_package(
+    name: str, local: str, domain: str, form: str, extra: str
+) -> None:
+    value = form.format(n=name, l=local, d=domain) + extra
+    fast = _simple_from(value)
+    if fast is not None:
+        assert [a for _, a in getaddresses([value]) if a] == [fast]
+
+
+@settings(max_examples=800, deadline=None)
+@given(local=st.one_of(_local, _junk), domain=st.one_of(_domain, _junk), utf8=st.booleans())
+def test_address_fast_path_only_accepts_what_the_full_check_accepts(
+    local: str, domain: str, utf8: bool
+) -> None:
+    address = f"{local}@{domain}"
+    if address_problem(address, utf8) is None:
+        assert _problem(address, utf8) is None
+    else:
+        assert _problem(address, utf8) == address_problem(address, utf8)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["a@b", "first.last@mail.example.com", "x+tag@sub-domain.example", "o'neil@example.ie"],
+)
+def test_common_addresses_take_the_fast_path(address: str) -> None:
+    assert _PLAIN.fullmatch(address) and address_problem(address) is None

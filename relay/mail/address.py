@@ -13,7 +13,6 @@ class AddressError(ValueError):
 
 
 _ATOM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-/=?^_`{|}~")
-_LDH = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 def canonical_address(address: str) -> str:
@@ -67,11 +66,12 @@ def canonical_domain(domain: str) -> str:
     return _idna(name)
 
 
+_LDH_NAME = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
 def _is_ldh(domain: str) -> bool:
-    return all(
-        0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and _LDH.issuperset(label)
-        for label in domain.split(".")
-    )
+    """Labels of 1 to 63 letters, digits and inner hyphens (lower case), dot-separated."""
+    return _LDH_NAME.fullmatch(domain) is not None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -108,6 +108,11 @@ def _is_dot_atom(text: str) -> bool:
 
 _SPECIALS = frozenset('"(),:;<>@[\\]')
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN = re.compile(
+    rf"{_ATEXT}(?:\.{_ATEXT})*@(?:(?!-)[A-Za-z0-9-]{{1,63}}(?<!-)\.)*(?!-)[A-Za-z0-9-]{{1,63}}(?<!-)"
+)
+"""An ASCII dot-atom at a host name: what almost every envelope address is."""
 
 
 def address_problem(address: str, smtputf8: bool = False) -> str | None:
@@ -117,6 +122,12 @@ def address_problem(address: str, smtputf8: bool = False) -> str | None:
     of LDH labels or an address literal; UTF-8 only with SMTPUTF8 (RFC 6531). Bytes
     that are not UTF-8 arrive as surrogates and are refused.
     """
+    if len(address) <= 254 and _PLAIN.fullmatch(address) and address.index("@") <= 64:
+        return None  # the common case, in one match
+    return _problem(address, smtputf8)
+
+
+def _problem(address: str, smtputf8: bool) -> str | None:
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         return "address must be local-part@domain"

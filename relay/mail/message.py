@@ -185,6 +185,20 @@ def _split_fields(block: bytes) -> tuple[list[Header], int | None]:
     return fields, None
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE_FROM = re.compile(
+    rf"""\s*(?:(?:[A-Za-z0-9 ._-]*|"[^"\\\r\n]*")\s*<({_ADDR})>|({_ADDR}))\s*"""
+)
+
+
+def _simple_from(value: str) -> str | None:
+    """``a@b``, ``<a@b>``, ``Name <a@b>`` or ``"Name" <a@b>``: the address without the
+    email package's parser, which costs a tenth of a millisecond per message."""
+    m = _SIMPLE_FROM.fullmatch(value)
+    return (m.group(1) or m.group(2)) if m else None
+
+
 def from_address(message: Message) -> str:
     """The single address of the From field, or a 550 5.6.0 saying what is wrong."""
     fields = message.get_all("From")
@@ -192,7 +206,8 @@ def from_address(message: Message) -> str:
         raise MessageError("message has no From header (exactly one From address is required)")
     if len(fields) > 1:
         raise MessageError("message has more than one From header")
-    addresses = [addr for _, addr in getaddresses([fields[0].value]) if addr]
+    simple = _simple_from(fields[0].value)
+    addresses = [simple] if simple else [a for _, a in getaddresses([fields[0].value]) if a]
     if not addresses:
         raise MessageError("From header has no parseable address")
     if len(addresses) > 1:
