@@ -48,7 +48,7 @@ def test_commands_quote_like_aiosmtplib() -> None:
     # parsed as aiosmtplib parses it (email.utils.parseaddr): nothing can be smuggled in
     assert _command(b"RCPT TO:", "a@x.org> NOTIFY=NEVER", [], "ascii") == b"RCPT TO:<a@x.org>\r\n"
     for unsafe in ("<a b@x.org>", "a\x00@x.org", "a@x.org\x7f"):
-        with pytest.raises(ValueError, match="not permitted|control character"):
+        with pytest.raises(ValueError, match=r"not permitted|control character"):
             _command(b"RCPT TO:", unsafe, [], "ascii")
     with pytest.raises(UnicodeEncodeError):
         _command(b"RCPT TO:", "dörte@bücher.example", [], "ascii")
