@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
 import shutil
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import dkim
 import pytest
 from conftest import Keys, Sink
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from helpers import smtp_send
 from postfix import Postfix, own_folder, postfix_binary
 
@@ -60,6 +68,9 @@ class RawUpstream:
     """What each read after EHLO got, over every connection."""
     transactions: list[Transaction] = field(default_factory=list)
     unknown: list[bytes] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None
+    """Offer STARTTLS with this server context."""
+    tls_sessions: int = 0
     port: int = 0
     server: asyncio.Server | None = None
 
@@ -76,10 +87,11 @@ class RawUpstream:
     def bodies(self) -> list[bytes]:
         return [t.body for t in self.transactions if t.body is not None]
 
-    def _ehlo(self) -> bytes:
+    def _ehlo(self, secure: bool) -> bytes:
         lines = [
             "raw.test",
             *(["PIPELINING"] if self.pipelining else []),
+            *(["STARTTLS"] if self.tls is not None and not secure else []),
             "8BITMIME",
             "SIZE 1000000",
         ]
@@ -95,15 +107,15 @@ class RawUpstream:
         tx: Transaction | None = None
         accepted: list[str] = []
         in_body = False
-        greeted = False
+        greeted = secure = False
         try:
             while chunk := await reader.read(65536):
                 if greeted:
                     self.chunks.append(chunk)
                 buffer += chunk
                 out: list[bytes] = []
-                closing = False
-                while not closing:
+                closing = upgrade = False
+                while not (closing or upgrade):
                     if in_body:
                         end = -2 if buffer.startswith(b".\r\n") else buffer.find(b"\r\n.\r\n")
                         if end == -1:
@@ -127,7 +139,11 @@ class RawUpstream:
                     verb = line[:4].upper()
                     if verb in (b"EHLO", b"HELO"):
                         greeted = True
-                        out.append(self._ehlo())
+                        out.append(self._ehlo(secure))
+                        continue
+                    if verb == b"STAR" and self.tls is not None:  # STARTTLS
+                        out.append(b"220 2.0.0 Ready to start TLS\r\n")
+                        upgrade = True
                         continue
                     if verb == b"MAIL":
                         reply = self.mail_reply
@@ -170,6 +186,12 @@ class RawUpstream:
                 writer.write(b"".join(out))
                 if closing:
                     break
+                if upgrade:
+                    assert self.tls is not None
+                    await writer.drain()
+                    await writer.start_tls(self.tls)
+                    self.tls_sessions += 1
+                    greeted, secure = False, True
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -391,6 +413,65 @@ async def test_reply_timeout_is_a_drop(
     assert replies == {ALICE: DROPPED}
     assert 1.5 < time.monotonic() - started < 4
     assert raw_upstream.connections == 1
+
+
+def loopback_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for IP 127.0.0.1 (the upstream's host name)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "raw.test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "upstream-cert.pem", folder / "upstream-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_pipelined_over_starttls_and_the_connection_is_reused(
+    raw_upstream: RawUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction takes the TLS transport over and gives it back intact."""
+    cert, key = loopback_certificate(tmp_path)
+    raw_upstream.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    raw_upstream.tls.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the relay's default context trusts it
+    raw_upstream.rcpt_replies[BOB] = "550 5.1.1 <bob@example.org>: User unknown"
+    config = UpstreamConfig(port=raw_upstream.port, tls="starttls", timeout=2, connections=1)
+    upstream = Upstream(config, "relay.test")
+    try:
+        for _ in range(3):
+            replies = await upstream.send(out(ALICE, BOB, CAROL))
+            assert codes(replies) == {ALICE: "250 2.0.0", BOB: "550 5.1.1", CAROL: "250 2.0.0"}
+    finally:
+        await upstream.close()
+    assert raw_upstream.connections == 1 and raw_upstream.tls_sessions == 1
+    assert len(raw_upstream.bodies) == 3
+    assert (
+        raw_upstream.bodies[0]
+        == b"Subject: hi\r\n\r\n" + BODY.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    )
+    envelope = envelope_chunk(raw_upstream)
+    assert envelope.count(b"RCPT TO:") == 3 and envelope.endswith(b"DATA\r\n")
 
 
 # --- a real Postfix -------------------------------------------------------------------
