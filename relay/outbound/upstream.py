@@ -392,7 +392,13 @@ async def _exchange(
             if n == len(commands) - 1 and not any(r.code in _ACCEPTED for r in got[1:]):
                 break
             talk.write(command)
-        got.append(await talk.read())
+        try:
+            got.append(await talk.read())
+        except _Dropped:
+            if not got or got[0].code == 250:
+                raise
+            talk.give_up()  # a server that closes after refusing MAIL: the refusal stands
+            break
         if got[-1].code == 421:  # the server is closing: no more replies will come
             talk.give_up()
             break

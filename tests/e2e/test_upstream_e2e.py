@@ -60,6 +60,8 @@ class RawUpstream:
     answer_354_without_recipients: bool = False
     final_reply: str | None = "250 2.0.0 Ok: queued as RAW"
     """None: read the body and never answer."""
+    close_after_mail: bool = False
+    """Close the connection right after answering MAIL (as some servers do after a 5xx)."""
     drop_next: str | None = None
     """``"envelope"``: close after reading MAIL..DATA, before any reply; ``"body"``:
     close after reading the body, before the final reply. Used once."""
@@ -150,6 +152,7 @@ class RawUpstream:
                         if reply.startswith("250"):
                             tx = Transaction(_address(line), [])
                             self.transactions.append(tx)
+                        closing = self.close_after_mail
                     elif verb == b"RCPT":
                         address = _address(line)
                         reply = (
@@ -333,6 +336,18 @@ async def test_pipelined_mail_refused_is_every_recipients_reply_then_rset(
     raw_upstream.mail_reply = "250 2.1.0 Ok"
     assert codes(await upstream.send(out(ALICE))) == {ALICE: "250 2.0.0"}
     assert raw_upstream.connections == 1
+
+
+async def test_mail_refused_then_closed_is_the_refusal_not_a_drop(
+    raw_upstream: RawUpstream, upstream_to: Callable[..., Upstream]
+) -> None:
+    upstream = upstream_to()
+    assert codes(await upstream.send(out(ALICE))) == {ALICE: "250 2.0.0"}
+    raw_upstream.mail_reply = "554 5.7.1 Service unavailable; client host blocked"
+    raw_upstream.close_after_mail = True
+    replies = await upstream.send(out(ALICE, BOB))
+    assert codes(replies) == {ALICE: "554 5.7.1", BOB: "554 5.7.1"}
+    assert raw_upstream.connections == 1  # not retried as if the connection had been lost
 
 
 @pytest.mark.parametrize("broken_354", [False, True])
