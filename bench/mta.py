@@ -40,6 +40,8 @@ OPENDKIM = _tool("opendkim")
 POSTFIX_DAEMONS = Path("/usr/lib/postfix/sbin")
 # Postfix's smtp client puts at most this many recipients in one upstream transaction.
 POSTFIX_RCPT_LIMIT = 50
+# In a Postfix tuning: the process limit of the smtpd listeners (master.cf's maxproc column).
+SMTPD_MAXPROC = "master.cf smtpd maxproc"
 
 
 class BenchError(RuntimeError):
@@ -157,15 +159,22 @@ class Sink:
 # Load drivers
 
 
+PERSISTENT = "persistent"  # each session keeps its connection for the next message
+CONNECTION = "connection"  # a new connection per message
+SHAPES = (PERSISTENT, CONNECTION)
+
+
 @dataclass
 class Load:
-    """What one driver run sends: ``count`` messages from ``sender`` to ``rcpts`` each."""
+    """What one driver run sends: ``count`` messages from ``sender`` to ``rcpts`` each,
+    over ``sessions`` concurrent sessions of the given ``shape``."""
 
     sender: str
     rcpts: int
     to: str = "rcpt@bench.test"
     sessions: int = 20
     size: int = 4096
+    shape: str = PERSISTENT
 
 
 @dataclass
@@ -180,10 +189,11 @@ class DriverResult:
 
 
 def run_smtp_source(port: int, load: Load, count: int, timeout: float) -> DriverResult:
-    """Postfix's ``smtp-source``: ``-d`` keeps each session's connection for the next message,
-    ``-N`` numbers recipients 1, 2, 3 ... across all sessions (like ``loadgen.py``)."""
+    """Postfix's ``smtp-source``: ``-d`` keeps each session's connection for the next message
+    (the persistent shape; without it, a connection per message), ``-N`` numbers
+    recipients 1, 2, 3 ... across all sessions (like ``loadgen.py``)."""
     args = [
-        SMTP_SOURCE, "-d", "-N",
+        SMTP_SOURCE, *(["-d"] if load.shape == PERSISTENT else []), "-N",
         "-s", str(load.sessions), "-m", str(count), "-r", str(load.rcpts),
         "-l", str(load.size), "-f", load.sender, "-t", load.to,
         "-M", "source.bench.local", f"127.0.0.1:{port}",
@@ -221,6 +231,8 @@ def run_loadgen(
         args += ["--duration", str(duration)]
     if rate:
         args += ["--rate", f"{rate:.3f}"]
+    if load.shape == CONNECTION:
+        args.append("--new-connection")
     try:
         done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -285,6 +297,8 @@ class PostfixInstance:
         self.reinject_port = reinject_port
         self.log = folder / "maillog"
         self.started = False
+        self.tuning: dict[str, str] = {}
+        self.milter = f"inet:127.0.0.1:{milter_port}"
 
     def _postfix(self, *command: str) -> subprocess.CompletedProcess[bytes]:
         assert POSTFIX is not None
@@ -300,6 +314,38 @@ class PostfixInstance:
         for d in (self.etc, self.queue, self.data):
             d.mkdir(parents=True, exist_ok=True)
         _chown(self.data, "postfix")
+        self._write_config()
+        done = self._postfix("start")
+        if done.returncode != 0:
+            raise BenchError(f"postfix start failed: {self._why(done)}")
+        self.started = True
+        self._wait_listeners()
+        return self
+
+    def tune(self, tuning: dict[str, str]) -> None:
+        """Rewrite the config with ``tuning`` and ``postfix reload``: main.cf parameters,
+        and ``SMTPD_MAXPROC`` for the listeners' process limit column in master.cf
+        ("-": ``default_process_limit``). Running daemons finish their current work
+        with the old settings; new ones start with the new."""
+        if tuning == self.tuning:
+            return
+        self._write_config(tuning)
+        done = self._postfix("reload")
+        if done.returncode != 0:
+            raise BenchError(f"postfix reload failed: {self._why(done)}")
+        self.tuning = dict(tuning)
+        time.sleep(1.0)  # the master re-reads master.cf and restarts the listeners
+        self._wait_listeners()
+
+    def _wait_listeners(self) -> None:
+        for port in (self.plain_port, self.dkim_port, self.oneclick_port, self.reinject_port):
+            if port:
+                wait_port(port)
+
+    def _write_config(self, tuning: dict[str, str] | None = None) -> None:
+        tuning = dict(tuning or {})
+        maxproc = tuning.pop(SMTPD_MAXPROC, "-")
+        extra = "".join(f"{k} = {v}\n" for k, v in tuning.items())
         (self.etc / "main.cf").write_text(
             f"""# throwaway benchmark instance: loopback only, relays everything to the sink
 compatibility_level = 3.6
@@ -332,6 +378,7 @@ append_dot_mydomain = no
 smtputf8_enable = no
 milter_default_action = tempfail
 """
+            + (f"# sweep settings\n{extra}" if extra else "")
         )
         chroot_free = [
             ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
@@ -356,28 +403,20 @@ milter_default_action = tempfail
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
         ]
         lines = [
-            f"127.0.0.1:{self.plain_port} inet n - n - - smtpd",
-            f"127.0.0.1:{self.dkim_port} inet n - n - - smtpd",
-            f"  -o smtpd_milters=inet:127.0.0.1:{self.milter_port}",
+            f"127.0.0.1:{self.plain_port} inet n - n - {maxproc} smtpd",
+            f"127.0.0.1:{self.dkim_port} inet n - n - {maxproc} smtpd",
+            f"  -o smtpd_milters={self.milter}",
         ]
         if self.oneclick_port:
             lines += [
-                f"127.0.0.1:{self.oneclick_port} inet n - n - - smtpd",
+                f"127.0.0.1:{self.oneclick_port} inet n - n - {maxproc} smtpd",
                 f"  -o smtpd_milters=inet:127.0.0.1:{self.oneclick_milter_port}",
-                f"127.0.0.1:{self.reinject_port} inet n - n - - smtpd",
+                f"127.0.0.1:{self.reinject_port} inet n - n - {maxproc} smtpd",
                 "  -o smtpd_milters=",
                 "  -o receive_override_options=no_milters",
             ]
         lines += ["  ".join(row) for row in chroot_free]
         (self.etc / "master.cf").write_text("\n".join(lines) + "\n")
-        done = self._postfix("start")
-        if done.returncode != 0:
-            raise BenchError(f"postfix start failed: {self._why(done)}")
-        self.started = True
-        for port in (self.plain_port, self.dkim_port, self.oneclick_port, self.reinject_port):
-            if port:
-                wait_port(port)
-        return self
 
     def _why(self, done: subprocess.CompletedProcess[bytes]) -> str:
         text = (done.stdout + done.stderr).decode(errors="replace").strip()
