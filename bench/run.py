@@ -78,6 +78,8 @@ KEY_PREFIX = "ocr"
 POSTFIX_SECONDS = 4.0  # shortest throughput phase through Postfix (3 s with --quick)
 QUIET_SHARE = 0.10  # other processes above this share of the CPU disturb the figures
 HIT_EVERY = 1000
+# the relay scenarios with a Postfix target: both shapes and the session sweep (largest W)
+SHAPED = ("tx-1", "mkt-rsa-1", "milter-rsa-1")
 LATENCY_SESSIONS = 20  # the latency phases' concurrency, whatever the throughput sweep found
 SHAPE_TITLES = {PERSISTENT: "persistent", CONNECTION: "per-message connection"}
 # Postfix settings the baselines are swept over (with the session counts below): Postfix's
@@ -102,8 +104,7 @@ POSTFIX_PROFILES["wide"] = POSTFIX_PROFILES["no-throttle"] | {
 }
 # (profile, sessions) points; --quick: two of them
 POSTFIX_SWEEP = [
-    ("defaults", 20), ("defaults", 50), ("defaults", 100),
-    ("no-throttle", 20), ("no-throttle", 100), ("wide", 100),
+    ("defaults", 20), ("defaults", 100), ("no-throttle", 20), ("no-throttle", 100), ("wide", 100),
 ]  # fmt: skip
 POSTFIX_SWEEP_QUICK = [("defaults", 20), ("no-throttle", 100)]
 RELAY_SESSIONS = [20, 50, 100]
@@ -993,10 +994,10 @@ class Bench:
                 self.finish_row(row)
                 self.baselines[(path, rcpts, shape)] = row
 
-    def shapes_for(self, rcpts: int, entries: int = HIT_ENTRIES, workers: int = 0) -> list[str]:
-        """Both shapes for the 1-recipient runs (the relay's at the largest W, 1k entries);
-        the fan-out and the other runs keep their connections."""
-        if rcpts == 1 and entries == HIT_ENTRIES and workers in (0, max(self.s.workers)):
+    def shapes_for(self, rcpts: int, sc: Scenario | None = None, workers: int = 0) -> list[str]:
+        """Both shapes for the 1-recipient baselines and the relay scenarios with a Postfix
+        target (at the largest W); the others keep their connections."""
+        if rcpts == 1 and (sc is None or (sc.id in SHAPED and workers == max(self.s.workers))):
             return list(self.s.shapes)
         return [PERSISTENT] if PERSISTENT in self.s.shapes else list(self.s.shapes)[:1]
 
@@ -1031,7 +1032,7 @@ class Bench:
     def run_relay(self, workers: int) -> None:
         assert self.sink is not None
         for sc in self.scenarios():
-            for shape in self.shapes_for(sc.rcpts, sc.entries, workers):
+            for shape in self.shapes_for(sc.rcpts, sc, workers):
                 self.run_relay_row(sc, workers, shape)
 
     def run_relay_row(self, sc: Scenario, workers: int, shape: str) -> None:
@@ -1066,12 +1067,12 @@ class Bench:
         self.finish_row(row)
 
     def relay_sessions(self, row: Row) -> list[int]:
-        """The sweep for the 1-recipient, 1k-entry rows at the largest W; a @1M twin runs at
-        its 1k twin's best; the others at the latency phases' 20 sessions."""
+        """The sweep for the scenarios with a Postfix target at the largest W; a @1M twin
+        runs at its 1k twin's best; the others at the latency phases' 20 sessions."""
         twin = self.best_sessions.get((row.id.split("@")[0], row.workers, row.shape))
         if row.suppression_entries == BIG_SET and twin:
             return [twin]
-        if row.rcpts == 1 and row.workers == max(self.s.workers):
+        if row.id in SHAPED and row.workers == max(self.s.workers):
             return list(self.s.sessions)
         return [LATENCY_SESSIONS]
 
@@ -1403,10 +1404,11 @@ def sizing(bench: Bench) -> tuple[str, list[dict[str, Any]]]:
             op_us = r.redis_cpu_us_per_op()
             usable = REDIS_HEADROOM * 1e6 / op_us if op_us else None
             hosts = usable / host_ops if usable and host_ops else None
+            per_redis_hour = usable * 3600 / ops if usable and ops else None
             cluster = (
-                f"beyond {fmt(hosts, 1)} hosts ({fmt(usable * 3600 / ops / 1e6, 0)}M units/h);"
-                " then 1 shard per that many"
-                if hosts and usable and ops
+                f"> {fmt(hosts, 1)} hosts ({fmt(per_redis_hour / 1e6, 1)}M units/h):"
+                f" a shard per {fmt(hosts, 1)} hosts"
+                if hosts and per_redis_hour
                 else "-"
             )
             out.append(
@@ -1430,6 +1432,7 @@ def sizing(bench: Bench) -> tuple[str, list[dict[str, Any]]]:
                     "redis_headroom": REDIS_HEADROOM,
                     "redis_usable_ops_per_s": usable,
                     "relay_hosts_per_redis": hosts,
+                    "units_per_hour_per_redis": per_redis_hour,
                 }
             )
     if not data:
