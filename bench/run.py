@@ -747,28 +747,23 @@ class Bench:
             os.chmod(self.folder, 0o755)  # noqa: S103
             dkim_dir = self.folder / "opendkim"
             pf_key, _ = dkim_keygen("rsa.bench.test", "pf2048", "rsa", 2048, dkim_dir)
-            milter_port = free_port()
             self.opendkim = OpenDkim(
-                dkim_dir,
-                milter_port,
-                pf_key,
-                "pf2048",
-                ["rsa.bench.test", "ed.bench.test", "tx.bench.test"],
+                dkim_dir, pf_key, "pf2048", ["rsa.bench.test", "ed.bench.test", "tx.bench.test"]
             ).start()
             self.postfix = PostfixInstance(
                 pf_dir,
                 self.sink.port,
                 free_port(),
                 free_port(),
-                milter_port,
+                self.opendkim.milter,
                 oneclick_port=free_port(),
                 oneclick_milter_port=free_port(),
                 reinject_port=free_port(),
             ).start()
             log(
                 f"postfix: relay on {self.postfix.plain_port}, with OpenDKIM (milter"
-                f" {milter_port}) on {self.postfix.dkim_port}, with oneclick-relay's milter"
-                f" on {self.postfix.oneclick_port}; queue in {self.postfix.queue}"
+                f" {self.opendkim.milter}) on {self.postfix.dkim_port}, with oneclick-relay's"
+                f" milter on {self.postfix.oneclick_port}; queue in {self.postfix.queue}"
             )
 
     def teardown(self) -> None:
@@ -965,6 +960,7 @@ class Bench:
                         log(
                             f"  sweep {path}-{rcpts} {shape} {profile} {sessions} sessions:"
                             f" {ph.delivered_rate:.0f} msg/s, machine busy {ph.busy_share:.0%}"
+                            f" (others {ph.outside_share:.0%})"
                         )
                         measured.setdefault((path, shape), []).append((profile, sessions, ph))
         for path, port, title in paths:
@@ -1204,6 +1200,7 @@ def sweep_point(ph: Phase, **settings: Any) -> dict[str, Any]:
         "accepted_msgs_per_s": ph.accepted_rate,
         "delivered_msgs_per_s": ph.delivered_rate,
         "machine_busy_share": ph.busy_share,
+        "outside_share": ph.outside_share,
         "cpu_us_per_msg": ph.machine_cpu / ph.messages * 1e6 if ph.messages else None,
         "messages": ph.messages,
         "elapsed": ph.delivered_elapsed,
@@ -1300,11 +1297,12 @@ def sweep_table(bench: Bench) -> str:
     """Every throughput point of the sweeps, the best of each row marked."""
     out = [
         "Sweep (throughput phase at each setting; the best per row is reported above, marked *;"
-        " machine busy = CPU used / (cores x elapsed): near 100 % is CPU-bound)",
+        " machine busy = CPU used / (cores x elapsed): near 100 % is CPU-bound; others = the"
+        " part of it used by processes the bench did not start: on a quiet machine 0 %)",
         "",
-        "| row | shape | setting | accepted msg/s | delivered msg/s | machine busy | CPU µs/msg "
-        "| errors |",
-        "|---|---|---|--:|--:|--:|--:|--:|",
+        "| row | shape | setting | accepted msg/s | delivered msg/s | machine busy | others "
+        "| CPU µs/msg | errors |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for r in bench.rows:
         for pt in r.sweep:
@@ -1316,7 +1314,8 @@ def sweep_table(bench: Bench) -> str:
             out.append(
                 f"| {r.id}{w} | {SHAPE_TITLES[r.shape]} | {setting}{mark} "
                 f"| {fmt(pt['accepted_msgs_per_s'])} | {fmt(pt['delivered_msgs_per_s'])} "
-                f"| {pt['machine_busy_share']:.0%} | {fmt(pt['cpu_us_per_msg'])} "
+                f"| {pt['machine_busy_share']:.0%} | {pt['outside_share']:.0%} "
+                f"| {fmt(pt['cpu_us_per_msg'])} "
                 f"| {len(pt['errors'])} |"
             )
     used = {pt["profile"] for r in bench.rows for pt in r.sweep if "profile" in pt}
