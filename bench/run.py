@@ -1,6 +1,6 @@
 """oneclick-relay benchmark: throughput, added latency and CPU per message against baselines.
 
-    python bench/run.py            # full run, about 8-9 minutes
+    python bench/run.py            # full run, about 8 minutes
     python bench/run.py --quick    # about 2 minutes (reduced sweep)
     python bench/run.py --json     # machine-readable result on stdout
 
