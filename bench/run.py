@@ -1341,19 +1341,21 @@ def redis_table(bench: Bench) -> tuple[str, list[dict[str, Any]]]:
     out = [
         "Redis per message (INFO commandstats / total_commands_processed over the throughput"
         " phase; a pipeline counts each of its commands; reads = total_reads_processed, about"
-        " one per round trip; Redis µs/op = Redis's CPU (INFO cpu) / commands)",
+        " one per round trip; Redis CPU = the server's used_cpu_sys + used_cpu_user (INFO cpu),"
+        " per message and per command)",
         "",
-        "| row | commands/msg | reads/msg | Redis µs/op | "
+        "| row | commands/msg | reads/msg | Redis CPU µs/msg | Redis µs/op | "
         + " | ".join(c.upper() for c in commands)
         + " |",
-        "|---|--:|--:|--:|" + "--:|" * len(commands),
+        "|---|--:|--:|--:|--:|" + "--:|" * len(commands),
     ]
     data = []
     for r in rows:
         per = r.redis_per_message()
         out.append(
             f"| {r.id} W={r.workers} {r.shape} | {fmt(per.get('total'), 2)} "
-            f"| {fmt(per.get('reads'), 2)} | {fmt(r.redis_cpu_us_per_op(), 1)} | "
+            f"| {fmt(per.get('reads'), 2)} | {fmt(per.get('cpu_us'), 1)} "
+            f"| {fmt(r.redis_cpu_us_per_op(), 1)} | "
             + " | ".join(fmt(per.get(c), 2) for c in commands)
             + " |"
         )
