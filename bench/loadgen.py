@@ -2,9 +2,11 @@
 
 Runs in its own process (``python bench/loadgen.py ...``) so that its CPU is not the
 relay's. Each session connects and says EHLO before the clock starts, then sends
-messages over the same connection (like ``smtp-source -d``). MAIL, RCPT and DATA are
-pipelined when the server advertises PIPELINING; a message's latency is from the
-first command written to the final reply after the dot.
+messages over the same connection (like ``smtp-source -d``). With ``--new-connection``
+each message has a connection of its own instead (like ``smtp-source`` without ``-d``):
+connect, EHLO, the transaction, QUIT. MAIL, RCPT and DATA are pipelined when the server
+advertises PIPELINING; a message's latency is from the first command written (with
+``--new-connection``: from the connect) to the final reply after the dot.
 
 Two modes:
 
@@ -114,6 +116,12 @@ class Session:
         with contextlib.suppress(OSError, ConnectionError):
             await self.writer.wait_closed()
 
+    async def connect_and_send(self) -> int:
+        """A connection for this message: connect, EHLO, the transaction (``close`` after
+        the reply, outside the message's latency, sends the QUIT)."""
+        await self.connect()
+        return await self.send_one()
+
     async def send_one(self) -> int:
         """One transaction; returns the final reply code (raises on a broken connection)."""
         reader, writer = self.reader, self.writer
@@ -154,7 +162,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stats = Stats()
     seq = itertools.count(args.seq_start)
     sessions = [Session(args, stats, seq) for _ in range(args.sessions)]
-    await asyncio.gather(*(s.connect() for s in sessions))
+    if not args.new_connection:
+        await asyncio.gather(*(s.connect() for s in sessions))
     index = itertools.count()
     count = args.count if args.count > 0 else math.inf
     start = time.perf_counter()
@@ -179,8 +188,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 # late: no session was free at the due time, and that wait counts
                 begin = due
             try:
-                code = await asyncio.wait_for(session.send_one(), args.timeout)
-            except (TimeoutError, OSError, ConnectionError, ValueError) as exc:
+                if args.new_connection:
+                    code = await asyncio.wait_for(session.connect_and_send(), args.timeout)
+                else:
+                    code = await asyncio.wait_for(session.send_one(), args.timeout)
+            except (TimeoutError, OSError, ConnectionError, ValueError, Reply) as exc:
                 stats.fail(f"{type(exc).__name__}: {exc}")
                 return
             stats.codes[str(code)] = stats.codes.get(str(code), 0) + 1
@@ -190,6 +202,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 stats.trace.append((begin - start, stats.latencies[-1]))
             else:
                 stats.fail(f"reply {code}")
+            if args.new_connection:
+                await session.close()
+                session.reader = session.writer = None
 
     await asyncio.gather(*(loop(s) for s in sessions))
     elapsed = time.perf_counter() - start
@@ -234,6 +249,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--seq-start", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument(
+        "--new-connection",
+        action="store_true",
+        help="a connection per message (connect, EHLO, transaction, QUIT), like smtp-source"
+        " without -d",
+    )
     p.add_argument("--trace", help="write '<start s> <latency s>' per message to this file")
     args = p.parse_args(argv)
     if args.count <= 0 and args.duration <= 0:

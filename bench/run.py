@@ -1,14 +1,16 @@
 """oneclick-relay benchmark: throughput, added latency and CPU per message against baselines.
 
-    python bench/run.py            # full run, about 4-5 minutes
-    python bench/run.py --quick    # under a minute
+    python bench/run.py            # full run, about 8 minutes
+    python bench/run.py --quick    # about 2 minutes (reduced sweep)
     python bench/run.py --json     # machine-readable result on stdout
 
 Starts a real Redis (``relay.embedded.EmbeddedRedis``), an upstream sink (Postfix's
 ``smtp-sink`` when installed, else ``bench/sink.py``) and the relay as a subprocess
 (``python -m relay serve -c ...``, with ``smtp.workers`` 2 and 1). Load comes from
-Postfix's ``smtp-source`` when installed (else ``bench/loadgen.py``), 20 sessions of
-4 KB messages, each in its own process. Latency always comes from ``bench/loadgen.py``.
+Postfix's ``smtp-source`` when installed (else ``bench/loadgen.py``), 4 KB messages, in
+two shapes (persistent sessions; a new connection per message), each driver in its own
+process; throughput is swept over session counts (and, for Postfix, its settings) and
+the best point reported. Latency always comes from ``bench/loadgen.py``, 20 sessions.
 The same load also goes straight to the sink (the baseline) and, when Postfix and
 OpenDKIM are installed (``bash bench/install-postfix.sh``), through a throwaway
 Postfix relay and Postfix + OpenDKIM (RSA-2048) on loopback ports. See bench/README.md.
@@ -45,6 +47,10 @@ sys.path.insert(0, str(HERE))
 import spy  # noqa: E402
 import yaml  # noqa: E402
 from mta import (  # noqa: E402
+    CONNECTION,
+    PERSISTENT,
+    SHAPES,
+    SMTPD_MAXPROC,
     BenchError,
     DriverResult,
     Load,
@@ -74,6 +80,37 @@ KEY_PREFIX = "ocr"
 POSTFIX_SECONDS = 4.0  # shortest throughput phase through Postfix (3 s with --quick)
 QUIET_SHARE = 0.10  # other processes above this share of the CPU disturb the figures
 HIT_EVERY = 1000
+# the relay scenarios with a Postfix target: both shapes and the session sweep (largest W)
+SHAPED = ("tx-1", "mkt-rsa-1", "milter-rsa-1")
+LATENCY_SESSIONS = 20  # the latency phases' concurrency, whatever the throughput sweep found
+SHAPE_TITLES = {PERSISTENT: "persistent", CONNECTION: "per-message connection"}
+# Postfix settings the baselines are swept over (with the session counts below): Postfix's
+# defaults, then without its sender throttling (in_flow_delay) and with process and
+# connection limits out of the way, then also more parallel deliveries to the sink.
+POSTFIX_PROFILES: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "no-throttle": {
+        "in_flow_delay": "0",
+        "default_process_limit": "250",
+        SMTPD_MAXPROC: "250",
+        "smtpd_client_connection_count_limit": "0",
+        "smtpd_client_connection_rate_limit": "0",
+        "smtpd_peername_lookup": "no",
+        "smtpd_error_sleep_time": "0",
+    },
+}
+POSTFIX_PROFILES["wide"] = POSTFIX_PROFILES["no-throttle"] | {
+    "default_destination_concurrency_limit": "100",
+    "smtp_destination_concurrency_limit": "100",
+    "initial_destination_concurrency": "100",
+}
+# (profile, sessions) points; --quick: two of them
+POSTFIX_SWEEP = [("defaults", 20), ("no-throttle", 20), ("no-throttle", 100), ("wide", 100)]
+POSTFIX_SWEEP_QUICK = [("defaults", 20), ("no-throttle", 100)]
+RELAY_SESSIONS = [20, 100]  # the session counts of the Postfix sweep: the same set
+RELAY_SESSIONS_QUICK = [20, 100]
+HOST_CORES = 8  # the relay host the sizing table assumes
+REDIS_HEADROOM = 0.5  # share of one saturated Redis core the sizing table counts on
 HIT_ENTRIES = 1000
 BIG_SET = 1_000_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -202,6 +239,17 @@ class Phase:
     """CPU seconds by process group: relay, redis, sink, postfix, driver, other."""
     latency: dict[str, float | None] | None = None
     errors: list[str] = field(default_factory=list)
+    redis: dict[str, int] = field(default_factory=dict)
+    """Redis commands the phase cost (INFO commandstats/stats/cpu deltas): "total", "reads"
+    (read events, about one per round trip), "cpu_us" (the server's CPU), and calls by
+    command."""
+
+    @property
+    def busy_share(self) -> float:
+        """Share of the machine's CPU (all cores x elapsed) busy during the phase."""
+        if not self.delivered_elapsed:
+            return 0.0
+        return self.cpu.get("machine", 0.0) / (self.delivered_elapsed * (os.cpu_count() or 1))
 
     @property
     def outside_share(self) -> float:
@@ -251,6 +299,9 @@ class Row:
     kind: str  # "baseline" or "relay"
     path: str
     rcpts: int
+    shape: str = PERSISTENT
+    sessions: int = LATENCY_SESSIONS  # of the throughput figure (the sweep's best point)
+    setting: str = ""  # the sweep point's name, e.g. "no-throttle, 100 sessions"
     workers: int = 0
     suppression_entries: int = 0
     throughput: Phase | None = None
@@ -265,6 +316,8 @@ class Row:
     profile: str | None = None
     errors: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    """Every throughput point measured for this row (the best one is ``throughput``)."""
 
     def accepted(self) -> float:
         return self.throughput.accepted_rate if self.throughput else 0.0
@@ -279,6 +332,24 @@ class Row:
     def relay_cpu_us(self) -> float | None:
         t = self.throughput
         return t.relay_cpu / t.messages * 1e6 if t and t.messages and t.relay_cpu else None
+
+    def redis_per_message(self) -> dict[str, float]:
+        t = self.throughput
+        if not t or not t.messages or not t.redis:
+            return {}
+        return {k: v / t.messages for k, v in t.redis.items()}
+
+    def redis_cpu_us_per_op(self) -> float | None:
+        """Redis's CPU (its INFO cpu, the server process alone) per command processed."""
+        t = self.throughput
+        ops = t.redis.get("total", 0) if t else 0
+        return t.redis.get("cpu_us", 0) / ops if t and ops else None
+
+    @property
+    def label(self) -> str:
+        """The row's id with what tells its runs apart: shape, workers."""
+        w = f" W={self.workers}" if self.kind == "relay" else ""
+        return f"{self.id}{w} {self.shape}"
 
 
 # ---------------------------------------------------------------------------
@@ -318,6 +389,39 @@ def redis_memory(port: int) -> int:
     m = re.search(r"^used_memory:(\d+)", info, re.M)
     assert m is not None
     return int(m.group(1))
+
+
+def redis_counters(port: int) -> dict[str, int]:
+    """Commands processed so far: "total", "reads", calls by command (lower case), and
+    "cpu_us", the server's own CPU time (getrusage: finer than /proc's clock ticks)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        info = redis_command(s, b"INFO", b"commandstats", b"stats", b"cpu").decode()
+    out = {"total": 0, "reads": 0, "cpu_us": 0}
+    for line in info.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line[len("cmdstat_") :].partition(":")
+            m = re.search(r"calls=(\d+)", rest)
+            if m:
+                out[name] = int(m.group(1))
+        elif line.startswith("total_commands_processed:"):
+            out["total"] = int(line.split(":")[1])
+        elif line.startswith("total_reads_processed:"):
+            out["reads"] = int(line.split(":")[1])
+        elif line.startswith(("used_cpu_sys:", "used_cpu_user:")):
+            out["cpu_us"] += round(float(line.split(":")[1]) * 1e6)
+    return out
+
+
+REDIS_TOTALS = ("total", "reads", "cpu_us")
+
+
+def redis_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What happened between two ``redis_counters``, without the bench's own INFO."""
+    out = {k: v - before.get(k, 0) for k, v in after.items()}
+    info = out.pop("info", 0)  # the first INFO (the second is counted after its reply)
+    out["total"] -= info
+    out["reads"] -= info
+    return {k: v for k, v in out.items() if v > 0 or k in REDIS_TOTALS}
 
 
 def load_suppressions(port: int, addresses: Iterator[str], count: int) -> float:
@@ -573,6 +677,10 @@ class Settings:
     wait_quiet: float = 30.0  # seconds the whole run may wait for other load to stop
     profile: Path | None = None  # py-spy output folder
     relay_dir: Path = REPO  # where ``python -m relay`` finds the package under test
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES))
+    sessions: list[int] = field(default_factory=lambda: list(RELAY_SESSIONS))
+    """The relay's throughput sweep (at the largest W, 1-recipient scenarios)."""
+    postfix_sweep: list[tuple[str, int]] = field(default_factory=lambda: list(POSTFIX_SWEEP))
 
 
 class Bench:
@@ -589,8 +697,11 @@ class Bench:
         self.relay: RelayProc | None = None
         self.keys: dict[str, Path] = {}
         self.redis_info: dict[str, float] = {}
-        self.baselines: dict[tuple[str, int], Row] = {}
+        self.baselines: dict[tuple[str, int, str], Row] = {}
+        self.best_sessions: dict[tuple[str, int, str], int] = {}
+        self.best_profile: dict[tuple[str, str], str] = {}  # Postfix's, per (path, shape)
         self.version = relay_version(settings.relay_dir)
+        self.uvloop = uvloop_importable(settings.relay_dir)
         self.quiet_budget = settings.wait_quiet
 
     # -- setup ---------------------------------------------------------------
@@ -636,28 +747,23 @@ class Bench:
             os.chmod(self.folder, 0o755)  # noqa: S103
             dkim_dir = self.folder / "opendkim"
             pf_key, _ = dkim_keygen("rsa.bench.test", "pf2048", "rsa", 2048, dkim_dir)
-            milter_port = free_port()
             self.opendkim = OpenDkim(
-                dkim_dir,
-                milter_port,
-                pf_key,
-                "pf2048",
-                ["rsa.bench.test", "ed.bench.test", "tx.bench.test"],
+                dkim_dir, pf_key, "pf2048", ["rsa.bench.test", "ed.bench.test", "tx.bench.test"]
             ).start()
             self.postfix = PostfixInstance(
                 pf_dir,
                 self.sink.port,
                 free_port(),
                 free_port(),
-                milter_port,
+                self.opendkim.milter,
                 oneclick_port=free_port(),
                 oneclick_milter_port=free_port(),
                 reinject_port=free_port(),
             ).start()
             log(
                 f"postfix: relay on {self.postfix.plain_port}, with OpenDKIM (milter"
-                f" {milter_port}) on {self.postfix.dkim_port}, with oneclick-relay's milter"
-                f" on {self.postfix.oneclick_port}; queue in {self.postfix.queue}"
+                f" {self.opendkim.milter}) on {self.postfix.dkim_port}, with oneclick-relay's"
+                f" milter on {self.postfix.oneclick_port}; queue in {self.postfix.queue}"
             )
 
     def teardown(self) -> None:
@@ -728,11 +834,14 @@ class Bench:
         rate: float = 0.0,
         latency: bool = False,
         queue: PostfixInstance | None = None,
+        redis_port: int = 0,
     ) -> Phase:
-        """Run one load, wait until every expected copy reached the sink, and account CPU."""
+        """Run one load, wait until every expected copy reached the sink, and account CPU
+        (and, with ``redis_port``, the Redis commands)."""
         sink = self.sink
         assert sink is not None
         base = sink.settle(quiet=0.05)
+        redis_before = redis_counters(redis_port) if redis_port else {}
         meter = CpuMeter(self.roots())
         if latency:
             res = run_loadgen(port, load, duration=duration, rate=rate, count=count)
@@ -744,6 +853,7 @@ class Bench:
         reached = sink.wait_for(base + expected, timeout=60 + expected / 100)
         t_dlv = t_acc if already else time.perf_counter()
         cpu = meter.stop()
+        redis_ops = redis_delta(redis_before, redis_counters(redis_port)) if redis_port else {}
         phase = Phase(
             messages=res.ok,
             failed=res.failed,
@@ -757,6 +867,7 @@ class Bench:
             cpu=cpu,
             latency=res.latency,
             errors=list(res.errors),
+            redis=redis_ops,
         )
         if queue is not None and not queue.wait_empty(60):
             phase.errors.append(f"postfix queue not empty: {queue.queued()} left")
@@ -780,7 +891,7 @@ class Bench:
     ) -> int:
         """Warm up and estimate the rate; returns the message count for a throughput run of
         ``seconds`` (default ``--duration``)."""
-        count = max(20, 100 // load.rcpts)
+        count = max(20, 100 // load.rcpts, load.sessions * 2)
         while True:
             p = self.phase(port, load, copies, count=count, **kw)
             if p.errors:
@@ -795,53 +906,96 @@ class Bench:
 
     def run_baselines(self) -> None:
         assert self.sink is not None
-        shapes = sorted({sc.rcpts for sc in self.scenarios()})
-        for rcpts in shapes:
-            load = Load(RSA_FROM, rcpts)
-            row = Row(
-                id=f"sink-{rcpts}",
-                title=f"straight to {self.sink.kind}",
-                kind="baseline",
-                path="sink",
-                rcpts=rcpts,
-            )
-            one_copy = lambda r: (r.ok, 0)  # noqa: E731
-            count = self.calibrate(self.sink.port, load, one_copy)
-            row.throughput = self.phase(self.sink.port, load, one_copy, count=count)
-            row.closed = self.phase(
-                self.sink.port, load, one_copy, duration=self.s.latency, latency=True
-            )
-            self.finish_row(row)
-            self.baselines[("sink", rcpts)] = row
+        rcpt_counts = sorted({sc.rcpts for sc in self.scenarios()})
+        for rcpts in rcpt_counts:
+            for shape in self.shapes_for(rcpts):
+                load = Load(RSA_FROM, rcpts, sessions=LATENCY_SESSIONS, shape=shape)
+                row = Row(
+                    id=f"sink-{rcpts}", title=f"straight to {self.sink.kind}", kind="baseline",
+                    path="sink", rcpts=rcpts, shape=shape, setting=f"{LATENCY_SESSIONS} sessions",
+                )  # fmt: skip
+                one_copy = lambda r: (r.ok, 0)  # noqa: E731
+                count = self.calibrate(self.sink.port, load, one_copy)
+                row.throughput = self.phase(self.sink.port, load, one_copy, count=count)
+                row.closed = self.phase(
+                    self.sink.port, load, one_copy, duration=self.s.latency, latency=True
+                )
+                self.finish_row(row)
+                self.baselines[("sink", rcpts, shape)] = row
 
         if not self.s.postfix:
             return
-        assert self.postfix is not None
-        pf = self.postfix
-        for rcpts in shapes:
+        for rcpts in rcpt_counts:
             if rcpts > 1 and self.s.quick:
                 continue
-            for path, port, title in (
-                ("postfix", pf.plain_port, "Postfix relay"),
-                ("postfix+dkim", pf.dkim_port, "Postfix + OpenDKIM rsa-2048"),
-            ):
-                load = Load(RSA_FROM, rcpts)
-                per = copies_per_message_postfix(rcpts)
-                copies = lambda r, per=per: (r.ok * per, 0)  # noqa: E731
+            self.run_postfix_baselines(rcpts)
+
+    def run_postfix_baselines(self, rcpts: int) -> None:
+        """Both Postfix listeners, each shape, over the sweep (1 recipient; 100: Postfix's
+        defaults at 20 sessions); the row reports the best point, and its latency."""
+        pf = self.postfix
+        assert pf is not None
+        paths = (
+            ("postfix", pf.plain_port, "Postfix relay"),
+            ("postfix+dkim", pf.dkim_port, "Postfix + OpenDKIM rsa-2048"),
+        )
+        shapes = self.shapes_for(rcpts)
+        points = self.s.postfix_sweep if rcpts == 1 else [("defaults", LATENCY_SESSIONS)]
+        per = copies_per_message_postfix(rcpts)
+        copies = lambda r: (r.ok * per, 0)  # noqa: E731
+        # a queueing MTA needs seconds to show its steady state: with its defaults Postfix
+        # throttles clients for up to in_flow_delay (1 s) when its queue manager falls behind
+        seconds = max(self.s.duration, POSTFIX_SECONDS * (0.75 if self.s.quick else 1))
+        measured: dict[tuple[str, str], list[tuple[str, int, Phase]]] = {}
+        for profile in dict.fromkeys(name for name, _ in points):  # one reload per profile
+            pf.tune(POSTFIX_PROFILES[profile])
+            for path, port, _ in paths:
+                for shape in shapes:
+                    for name, sessions in points:
+                        if name != profile:
+                            continue
+                        load = Load(RSA_FROM, rcpts, sessions=sessions, shape=shape)
+                        count = self.calibrate(port, load, copies, seconds, queue=pf)
+                        ph = self.phase(port, load, copies, count=count, queue=pf)
+                        log(
+                            f"  sweep {path}-{rcpts} {shape} {profile} {sessions} sessions:"
+                            f" {ph.delivered_rate:.0f} msg/s, machine busy {ph.busy_share:.0%}"
+                            f" (others {ph.outside_share:.0%})"
+                        )
+                        measured.setdefault((path, shape), []).append((profile, sessions, ph))
+        for path, port, title in paths:
+            for shape in shapes:
+                tried = measured[(path, shape)]
+                profile, sessions, best = best_point(tried)
+                if rcpts == 1:
+                    self.best_profile[(path, shape)] = profile
                 row = Row(
-                    id=f"{path}-{rcpts}", title=title, kind="baseline", path=path, rcpts=rcpts
-                )
-                # a queueing MTA needs seconds to show its steady state: Postfix throttles
-                # clients for up to in_flow_delay (1 s) when its queue manager falls behind
-                seconds = max(self.s.duration, POSTFIX_SECONDS * (0.75 if self.s.quick else 1))
-                count = self.calibrate(port, load, copies, seconds, queue=pf)
-                row.throughput = self.phase(port, load, copies, count=count, queue=pf)
+                    id=f"{path}-{rcpts}", title=title, kind="baseline", path=path, rcpts=rcpts,
+                    shape=shape, sessions=sessions, setting=f"{profile}, {sessions} sessions",
+                    throughput=best,
+                )  # fmt: skip
+                row.sweep = [
+                    sweep_point(ph, sessions=n, profile=name, postfix=POSTFIX_PROFILES[name])
+                    for name, n, ph in tried
+                ]
+                for name, n, ph in tried:
+                    if ph is not best:
+                        row.errors.extend(f"sweep {name}, {n} sessions: {e}" for e in ph.errors)
                 if not self.s.quick:
+                    pf.tune(POSTFIX_PROFILES[profile])
+                    load = Load(RSA_FROM, rcpts, sessions=LATENCY_SESSIONS, shape=shape)
                     row.closed = self.phase(
                         port, load, copies, duration=self.s.latency, latency=True, queue=pf
                     )
                 self.finish_row(row)
-                self.baselines[(path, rcpts)] = row
+                self.baselines[(path, rcpts, shape)] = row
+
+    def shapes_for(self, rcpts: int, sc: Scenario | None = None, workers: int = 0) -> list[str]:
+        """Both shapes for the 1-recipient baselines and the relay scenarios with a Postfix
+        target (at the largest W); the others keep their connections."""
+        if rcpts == 1 and (sc is None or (sc.id in SHAPED and workers == max(self.s.workers))):
+            return list(self.s.shapes)
+        return [PERSISTENT] if PERSISTENT in self.s.shapes else list(self.s.shapes)[:1]
 
     # -- relay scenarios -------------------------------------------------------
 
@@ -874,38 +1028,56 @@ class Bench:
     def run_relay(self, workers: int) -> None:
         assert self.sink is not None
         for sc in self.scenarios():
-            row = Row(
-                id=sc.id, title=sc.title, kind="relay", path="milter" if sc.milter else "relay",
-                rcpts=sc.rcpts, workers=workers, suppression_entries=sc.entries,
-            )  # fmt: skip
-            redis = self.redis_big if sc.entries == BIG_SET else self.redis
-            assert redis is not None
-            self.wait_quiet()
-            log(f"relay w={workers}: {sc.id} ({sc.title})")
-            pf = self.postfix if sc.milter else None
-            self.relay = relay = RelayProc(
-                self.folder,
-                workers,
-                pf.reinject_port if pf else self.sink.port,
-                redis.url,
-                self.keys,
-                self.s.relay_dir,
-                milter_port=pf.oneclick_milter_port if pf else 0,
-            ).start()
-            try:
-                self.run_scenario(row, relay, Load(sc.sender, sc.rcpts), sc.marketing, pf)
-            finally:
-                relay.stop()
-                self.relay = None
-            row.log_problems, row.signed_lines = relay.problems()
-            self.finish_row(row)
+            for shape in self.shapes_for(sc.rcpts, sc, workers):
+                self.run_relay_row(sc, workers, shape)
+
+    def run_relay_row(self, sc: Scenario, workers: int, shape: str) -> None:
+        assert self.sink is not None
+        row = Row(
+            id=sc.id, title=sc.title, kind="relay", path="milter" if sc.milter else "relay",
+            rcpts=sc.rcpts, shape=shape, workers=workers, suppression_entries=sc.entries,
+        )  # fmt: skip
+        redis = self.redis_big if sc.entries == BIG_SET else self.redis
+        assert redis is not None
+        self.wait_quiet()
+        log(f"relay w={workers} {shape}: {sc.id} ({sc.title})")
+        pf = self.postfix if sc.milter else None
+        if pf is not None:  # Postfix at the settings that were best for Postfix + OpenDKIM
+            profile = self.best_profile.get(("postfix+dkim", shape), "defaults")
+            pf.tune(POSTFIX_PROFILES[profile])
+        self.relay = relay = RelayProc(
+            self.folder,
+            workers,
+            pf.reinject_port if pf else self.sink.port,
+            redis.url,
+            self.keys,
+            self.s.relay_dir,
+            milter_port=pf.oneclick_milter_port if pf else 0,
+        ).start()
+        try:
+            self.run_scenario(row, relay, sc, redis.port, pf)
+        finally:
+            relay.stop()
+            self.relay = None
+        row.log_problems, row.signed_lines = relay.problems()
+        self.finish_row(row)
+
+    def relay_sessions(self, row: Row) -> list[int]:
+        """The sweep for the scenarios with a Postfix target at the largest W; a @1M twin
+        runs at its 1k twin's best; the others at the latency phases' 20 sessions."""
+        twin = self.best_sessions.get((row.id.split("@")[0], row.workers, row.shape))
+        if row.suppression_entries == BIG_SET and twin:
+            return [twin]
+        if row.id in SHAPED and row.workers == max(self.s.workers):
+            return list(self.s.sessions)
+        return [LATENCY_SESSIONS]
 
     def run_scenario(
         self,
         row: Row,
         relay: RelayProc,
-        load: Load,
-        marketing: bool,
+        sc: Scenario,
+        redis_port: int,
         postfix: PostfixInstance | None = None,
     ) -> None:
         """``postfix``: the load goes to Postfix, which runs the relay as its milter."""
@@ -913,6 +1085,7 @@ class Bench:
         pf: dict[str, Any] = {"queue": postfix} if postfix else {}
         hits_total = 0
         sent_total = 0
+        marketing = sc.marketing
 
         def copies(r: DriverResult) -> tuple[int, int]:
             nonlocal hits_total, sent_total
@@ -926,29 +1099,44 @@ class Bench:
         seconds = None
         if postfix is not None:  # as for the Postfix baselines: long enough for its flow control
             seconds = max(self.s.duration, POSTFIX_SECONDS * (0.75 if self.s.quick else 1))
-        count = self.calibrate(port, load, copies, seconds, **pf)
-        sampler = None
-        if self.s.profile is not None and relay.pid:
-            out = self.s.profile / f"profile-{row.id}-w{row.workers}.txt"
-            sampler = spy.start(relay.pid, self.s.duration, out)
+        tried: list[tuple[int, Phase]] = []
+        for i, sessions in enumerate(self.relay_sessions(row)):
+            load = Load(sc.sender, sc.rcpts, sessions=sessions, shape=row.shape)
+            count = self.calibrate(port, load, copies, seconds, **pf)
+            sampler = None
+            if i == 0 and self.s.profile is not None and relay.pid:
+                out = self.s.profile / f"profile-{row.id}-w{row.workers}-{row.shape}.txt"
+                sampler = spy.start(relay.pid, self.s.duration, out)
+                if sampler is not None:
+                    row.profile = str(out)
+                    time.sleep(0.5)  # attach
+            ph = self.phase(port, load, copies, count=count, redis_port=redis_port, **pf)
+            tried.append((sessions, ph))
             if sampler is not None:
-                row.profile = str(out)
-                time.sleep(0.5)  # attach
-        row.throughput = self.phase(port, load, copies, count=count, **pf)
-        if sampler is not None:
-            try:
-                sampler.wait(self.s.duration + 30)
-            except subprocess.TimeoutExpired:
-                stop_process(sampler)
+                try:
+                    sampler.wait(self.s.duration + 30)
+                except subprocess.TimeoutExpired:
+                    stop_process(sampler)
+        _, row.sessions, row.throughput = best_point([("", n, ph) for n, ph in tried])
+        row.setting = f"{row.sessions} sessions"
+        self.best_sessions[(row.id, row.workers, row.shape)] = row.sessions
+        if len(tried) > 1:
+            row.sweep = [sweep_point(ph, sessions=n) for n, ph in tried]
+            for n, ph in tried:
+                if ph is not row.throughput:
+                    row.errors.extend(f"sweep {n} sessions: {e}" for e in ph.errors)
+        load = Load(sc.sender, sc.rcpts, sessions=LATENCY_SESSIONS, shape=row.shape)
         row.closed = self.phase(port, load, copies, duration=self.s.latency, latency=True, **pf)
-        half = row.throughput.accepted_rate / 2
-        row.half = self.phase(
-            port, load, copies, duration=self.s.half, rate=half, latency=True, **pf
-        )
-        assert self.sink is not None
-        row.half_baseline = self.phase(
-            self.sink.port, load, lambda r: (r.ok, 0), duration=self.s.half, rate=half, latency=True
-        )
+        if row.shape == PERSISTENT:  # the half-rate target is judged on this shape
+            half = row.throughput.accepted_rate / 2
+            row.half = self.phase(
+                port, load, copies, duration=self.s.half, rate=half, latency=True, **pf
+            )
+            assert self.sink is not None
+            row.half_baseline = self.phase(
+                self.sink.port, load, lambda r: (r.ok, 0), duration=self.s.half, rate=half,
+                latency=True,
+            )  # fmt: skip
         snapshots = relay.scrape(sent_total)
         row.loop_lag_max, row.stages_ms, row.relay_counts = summarize_metrics(snapshots)
         row.relay_counts["client_messages"] = sent_total
@@ -975,7 +1163,7 @@ class Bench:
         t = row.throughput
         if t:
             log(
-                f"  {row.id} {row.path} w={row.workers}: {t.accepted_rate:.0f} acc/s,"
+                f"  {row.label} {row.path} ({row.setting}): {t.accepted_rate:.0f} acc/s,"
                 f" {t.delivered_rate:.0f} dlv/s, {t.copies_rate:.0f} copies/s,"
                 f" cpu {row.cpu_us() or 0:.0f} us/msg, errors {len(row.errors)}"
             )
@@ -996,9 +1184,30 @@ class Bench:
             if row.kind != "relay":
                 continue
             for path in ("sink", "postfix", "postfix+dkim"):
-                base = self.baselines.get((path, row.rcpts))
+                base = self.baselines.get((path, row.rcpts, row.shape))
                 if base and base.delivered():
                     row.ratios[path] = row.delivered() / base.delivered()
+
+
+def best_point(tried: list[tuple[str, int, Phase]]) -> tuple[str, int, Phase]:
+    """The sweep point with the highest delivered rate, among those that passed checks."""
+    clean = [t for t in tried if not t[2].errors] or tried
+    return max(clean, key=lambda t: t[2].delivered_rate)
+
+
+def sweep_point(ph: Phase, **settings: Any) -> dict[str, Any]:
+    return settings | {
+        "accepted_msgs_per_s": ph.accepted_rate,
+        "delivered_msgs_per_s": ph.delivered_rate,
+        "machine_busy_share": ph.busy_share,
+        "outside_share": ph.outside_share,
+        "cpu_us_per_msg": ph.machine_cpu / ph.messages * 1e6 if ph.messages else None,
+        "messages": ph.messages,
+        "elapsed": ph.delivered_elapsed,
+        "cpu_seconds": ph.cpu,
+        "redis": ph.redis,
+        "errors": ph.errors,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -1035,17 +1244,18 @@ def table(bench: Bench) -> str:
     out.append("Baselines (same load, no relay; latency is absolute, closed loop, 20 sessions)")
     out.append("")
     out.append(
-        "| path | rcpts | accepted msg/s | delivered msg/s | copies/s | p50 ms | p99 ms "
-        "| CPU µs/msg | errors |"
+        "| path | rcpts | shape | best of sweep | accepted msg/s | delivered msg/s | copies/s "
+        "| machine busy | p50 ms | p99 ms | CPU µs/msg | errors |"
     )
-    out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    out.append("|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in bench.rows:
         if r.kind != "baseline":
             continue
         lat = (r.closed.latency if r.closed else None) or {}
         out.append(
-            f"| {r.title} | {r.rcpts} | {fmt(r.accepted())} | {fmt(r.delivered())} "
-            f"| {fmt(r.throughput.copies_rate if r.throughput else None)} "
+            f"| {r.title} | {r.rcpts} | {SHAPE_TITLES[r.shape]} | {r.setting} "
+            f"| {fmt(r.accepted())} | {fmt(r.delivered())} "
+            f"| {fmt(r.throughput.copies_rate if r.throughput else None)} | {busy(r.throughput)} "
             f"| {fmt(ms(lat.get('p50')), 2)} | {fmt(ms(lat.get('p99')), 2)} "
             f"| {fmt(r.cpu_us())} | {len(r.errors)} |"
         )
@@ -1056,19 +1266,20 @@ def table(bench: Bench) -> str:
     )
     out.append("")
     out.append(
-        "| scenario | W | supp. | accepted msg/s | delivered msg/s | copies/s | p50 +ms | p99 +ms "
-        "| p99 +ms @½ | CPU µs/msg | relay µs/msg | loop lag ms | x sink | x Postfix "
-        "| x Postfix+DKIM | errors |"
+        "| scenario | W | shape | sessions | supp. | accepted msg/s | delivered msg/s | copies/s "
+        "| machine busy | p50 +ms | p99 +ms | p99 +ms @½ | CPU µs/msg | relay µs/msg "
+        "| loop lag ms | x sink | x Postfix | x Postfix+DKIM | errors |"
     )
-    out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    out.append("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in bench.rows:
         if r.kind != "relay":
             continue
-        base = bench.baselines.get(("sink", r.rcpts))
+        base = bench.baselines.get(("sink", r.rcpts, r.shape))
         out.append(
-            f"| {r.title} | {r.workers} | {'1M' if r.suppression_entries > 1000 else '1k'} "
+            f"| {r.title} | {r.workers} | {SHAPE_TITLES[r.shape]} | {r.sessions} "
+            f"| {'1M' if r.suppression_entries > 1000 else '1k'} "
             f"| {fmt(r.accepted())} | {fmt(r.delivered())} "
-            f"| {fmt(r.throughput.copies_rate if r.throughput else None)} "
+            f"| {fmt(r.throughput.copies_rate if r.throughput else None)} | {busy(r.throughput)} "
             f"| {fmt(added(r, base, 'p50'), 2)} | {fmt(added(r, base, 'p99'), 2)} "
             f"| {fmt(added_half(r), 2)} | {fmt(r.cpu_us())} | {fmt(r.relay_cpu_us())} "
             f"| {fmt(ms(r.loop_lag_max), 1)} | {fmt(r.ratios.get('sink'), 2)} "
@@ -1078,9 +1289,166 @@ def table(bench: Bench) -> str:
     return "\n".join(out)
 
 
-def find(bench: Bench, sid: str, workers: int) -> Row | None:
+def busy(ph: Phase | None) -> str:
+    return f"{ph.busy_share:.0%}" if ph and ph.cpu else "-"
+
+
+def sweep_table(bench: Bench) -> str:
+    """Every throughput point of the sweeps, the best of each row marked."""
+    out = [
+        "Sweep (throughput phase at each setting; the best per row is reported above, marked *;"
+        " machine busy = CPU used / (cores x elapsed): near 100 % is CPU-bound; others = the"
+        " part of it used by processes the bench did not start: on a quiet machine 0 %)",
+        "",
+        "| row | shape | setting | accepted msg/s | delivered msg/s | machine busy | others "
+        "| CPU µs/msg | errors |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in bench.rows:
+        for pt in r.sweep:
+            setting = f"{pt['sessions']} sessions"
+            if "profile" in pt:
+                setting = f"{pt['profile']}, {setting}"
+            mark = " *" if setting == r.setting else ""
+            w = f" W={r.workers}" if r.kind == "relay" else ""
+            out.append(
+                f"| {r.id}{w} | {SHAPE_TITLES[r.shape]} | {setting}{mark} "
+                f"| {fmt(pt['accepted_msgs_per_s'])} | {fmt(pt['delivered_msgs_per_s'])} "
+                f"| {pt['machine_busy_share']:.0%} | {pt['outside_share']:.0%} "
+                f"| {fmt(pt['cpu_us_per_msg'])} "
+                f"| {len(pt['errors'])} |"
+            )
+    used = {pt["profile"] for r in bench.rows for pt in r.sweep if "profile" in pt}
+    if used:
+        out.append("")
+        out.append("Postfix settings of each profile (main.cf; and master.cf for smtpd maxproc):")
+        for name in POSTFIX_PROFILES:
+            if name in used:
+                params = ", ".join(f"{k} = {v}" for k, v in POSTFIX_PROFILES[name].items())
+                out.append(f"- {name}: {params or 'Postfix defaults'}")
+    return "\n".join(out)
+
+
+def redis_table(bench: Bench) -> tuple[str, list[dict[str, Any]]]:
+    """Redis commands per message in each relay row's (best) throughput phase."""
+    rows = [r for r in bench.rows if r.kind == "relay" and r.redis_per_message()]
+    if not rows:
+        return "", []
+    commands = sorted(
+        {k for r in rows for k in r.redis_per_message() if k not in REDIS_TOTALS},
+        key=lambda k: -max(r.redis_per_message().get(k, 0) for r in rows),
+    )
+    out = [
+        "Redis per message (INFO commandstats / total_commands_processed over the throughput"
+        " phase; a pipeline counts each of its commands; reads = total_reads_processed, about"
+        " one per round trip; Redis CPU = the server's used_cpu_sys + used_cpu_user (INFO cpu),"
+        " per message and per command)",
+        "",
+        "| row | commands/msg | reads/msg | Redis CPU µs/msg | Redis µs/op | "
+        + " | ".join(c.upper() for c in commands)
+        + " |",
+        "|---|--:|--:|--:|--:|" + "--:|" * len(commands),
+    ]
+    data = []
+    for r in rows:
+        per = r.redis_per_message()
+        out.append(
+            f"| {r.id} W={r.workers} {r.shape} | {fmt(per.get('total'), 2)} "
+            f"| {fmt(per.get('reads'), 2)} | {fmt(per.get('cpu_us'), 1)} "
+            f"| {fmt(r.redis_cpu_us_per_op(), 1)} | "
+            + " | ".join(fmt(per.get(c), 2) for c in commands)
+            + " |"
+        )
+        data.append(
+            {"row": r.label, "per_message": per, "redis_cpu_us_per_op": r.redis_cpu_us_per_op()}
+        )
+    return "\n".join(out), data
+
+
+def sizing(bench: Bench) -> tuple[str, list[dict[str, Any]]]:
+    """Messages per hour per relay core and what a fleet asks of one Redis."""
+    w = max(bench.s.workers)
+    picks = [
+        ("transactional, 1 rcpt", "tx-1", 1),
+        ("signed marketing, 1 rcpt (RSA-2048)", "mkt-rsa-1", 1),
+        ("fan-out, per delivered copy (100 rcpts, RSA-2048)", "mkt-rsa-100", 100),
+    ]
+    data: list[dict[str, Any]] = []
+    out = [
+        f"Sizing (from the W={w} rows; assumptions: relay CPU µs per message = the relay"
+        " processes' CPU over the throughput phase / messages, so messages/hour per relay"
+        " core = 3.6e9 / that; a relay host = "
+        f"{HOST_CORES} cores all running relay workers at 100 % (the upper bound its Redis"
+        " must take); Redis capacity = one Redis core saturated at the Redis CPU per command"
+        f" measured here (at this load, so conservative), of which {REDIS_HEADROOM:.0%} is"
+        " counted on (headroom); one instance or a Sentinel primary is one such core; a"
+        " Cluster adds that capacity per shard, the suppression keys spreading by their"
+        " {address} hash tag)",
+        "",
+        "| workload | shape | relay µs/unit | units/hour per relay core | Redis ops/unit "
+        f"| Redis ops/s per {HOST_CORES}-core host | Redis µs/op | one Redis, usable ops/s "
+        "| relay hosts per Redis | Cluster when |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for title, sid, per_msg in picks:
+        for shape in SHAPES:
+            r = find(bench, sid, w, shape)
+            if not r or not r.relay_cpu_us() or not r.throughput:
+                continue
+            copies = (r.throughput.copies_seen / r.throughput.messages) if per_msg > 1 else 1.0
+            if not copies:
+                continue
+            relay_us = (r.relay_cpu_us() or 0) / copies
+            per_hour = 3.6e9 / relay_us
+            ops = r.redis_per_message().get("total", 0.0) / copies
+            host_ops = HOST_CORES * 1e6 / relay_us * ops
+            op_us = r.redis_cpu_us_per_op()
+            usable = REDIS_HEADROOM * 1e6 / op_us if op_us else None
+            hosts = usable / host_ops if usable and host_ops else None
+            per_redis_hour = usable * 3600 / ops if usable and ops else None
+            cluster = (
+                f"> {fmt(hosts, 1)} hosts ({fmt(per_redis_hour / 1e6, 1)}M units/h):"
+                f" a shard per {fmt(hosts, 1)} hosts"
+                if hosts and per_redis_hour
+                else "-"
+            )
+            out.append(
+                f"| {title} | {SHAPE_TITLES[shape]} | {fmt(relay_us)} | {fmt(per_hour)} "
+                f"| {fmt(ops, 2)} | {fmt(host_ops)} | {fmt(op_us, 1)} | {fmt(usable)} "
+                f"| {fmt(hosts, 1)} | {cluster} |"
+            )
+            data.append(
+                {
+                    "workload": title,
+                    "scenario": sid,
+                    "shape": shape,
+                    "workers": w,
+                    "unit": "copy" if per_msg > 1 else "message",
+                    "relay_cpu_us_per_unit": relay_us,
+                    "units_per_hour_per_relay_core": per_hour,
+                    "redis_ops_per_unit": ops,
+                    "redis_ops_per_s_per_host": host_ops,
+                    "host_cores": HOST_CORES,
+                    "redis_cpu_us_per_op": op_us,
+                    "redis_headroom": REDIS_HEADROOM,
+                    "redis_usable_ops_per_s": usable,
+                    "relay_hosts_per_redis": hosts,
+                    "units_per_hour_per_redis": per_redis_hour,
+                }
+            )
+    if not data:
+        return "", []
+    return "\n".join(out), data
+
+
+def find(bench: Bench, sid: str, workers: int, shape: str = PERSISTENT) -> Row | None:
     return next(
-        (r for r in bench.rows if r.kind == "relay" and r.id == sid and r.workers == workers), None
+        (
+            r
+            for r in bench.rows
+            if r.kind == "relay" and r.id == sid and r.workers == workers and r.shape == shape
+        ),
+        None,
     )
 
 
@@ -1105,45 +1473,9 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
             {"target": name, "value": value, "limit": limit, "status": status, "detail": detail}
         )
 
+    for shape in bench.s.shapes:
+        ratio_targets(bench, w, shape, add)
     mkt = find(bench, "mkt-rsa-1", w)
-    pf_dkim = bench.baselines.get(("postfix+dkim", 1))
-    if mkt and pf_dkim and pf_dkim.delivered():
-        x = mkt.delivered() / pf_dkim.delivered()
-        add(
-            "marketing 1 rcpt RSA-2048 >= 3x Postfix+OpenDKIM delivered msg/s", x, ">= 3.0",
-            x >= 3.0, f"{mkt.delivered():.0f} vs {pf_dkim.delivered():.0f} msg/s (W={w})",
-            (mkt.throughput, pf_dkim.throughput),
-        )  # fmt: skip
-    else:
-        add(
-            "marketing 1 rcpt RSA-2048 >= 3x Postfix+OpenDKIM delivered msg/s", None, ">= 3.0",
-            None, "needs the mkt-rsa-1 scenario and Postfix + OpenDKIM",
-        )  # fmt: skip
-    milter = find(bench, "milter-rsa-1", w)
-    name = "Postfix + oneclick milter >= 2x Postfix + OpenDKIM delivered msg/s (1 rcpt, RSA)"
-    if milter and pf_dkim and pf_dkim.delivered():
-        x = milter.delivered() / pf_dkim.delivered()
-        add(
-            name, x, ">= 2.0", x >= 2.0,
-            f"{milter.delivered():.0f} vs {pf_dkim.delivered():.0f} msg/s (W={w})",
-            (milter.throughput, pf_dkim.throughput),
-        )  # fmt: skip
-    else:
-        add(name, None, ">= 2.0", None, "needs Postfix, OpenDKIM and the milter-rsa-1 scenario")
-    tx = find(bench, "tx-1", w)
-    pf = bench.baselines.get(("postfix", 1))
-    if tx and pf and pf.delivered():
-        x = tx.delivered() / pf.delivered()
-        add(
-            "transactional >= 2x Postfix relay delivered msg/s", x, ">= 2.0", x >= 2.0,
-            f"{tx.delivered():.0f} vs {pf.delivered():.0f} msg/s (W={w})",
-            (tx.throughput, pf.throughput),
-        )  # fmt: skip
-    else:
-        add(
-            "transactional >= 2x Postfix relay delivered msg/s", None, ">= 2.0", None,
-            "needs the tx-1 scenario and Postfix",
-        )  # fmt: skip
     if mkt and mkt.cpu_us() is not None:
         cpu = mkt.cpu_us()
         assert cpu is not None
@@ -1187,6 +1519,39 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
     return out
 
 
+def ratio_targets(bench: Bench, w: int, shape: str, add: Callable[..., None]) -> None:
+    """The throughput targets for one shape: the relay's best against each baseline's best."""
+    suffix = "" if shape == PERSISTENT else f" ({SHAPE_TITLES[shape]})"
+    pf = bench.baselines.get(("postfix", 1, shape))
+    pf_dkim = bench.baselines.get(("postfix+dkim", 1, shape))
+    for sid, base, name, limit, needs in (
+        (
+            "mkt-rsa-1", pf_dkim, "marketing 1 rcpt RSA-2048 >= 3x Postfix+OpenDKIM delivered"
+            " msg/s", 3.0, "the mkt-rsa-1 scenario and Postfix + OpenDKIM",
+        ),
+        (
+            "milter-rsa-1", pf_dkim, "Postfix + oneclick milter >= 2x Postfix + OpenDKIM"
+            " delivered msg/s (1 rcpt, RSA)", 2.0,
+            "Postfix, OpenDKIM and the milter-rsa-1 scenario",
+        ),
+        (
+            "tx-1", pf, "transactional >= 2x Postfix relay delivered msg/s", 2.0,
+            "the tx-1 scenario and Postfix",
+        ),
+    ):  # fmt: skip
+        row = find(bench, sid, w, shape)
+        if row and base and base.delivered():
+            x = row.delivered() / base.delivered()
+            add(
+                name + suffix, x, f">= {limit}", x >= limit,
+                f"{row.delivered():.0f} msg/s (W={w}, {row.setting}) vs"
+                f" {base.delivered():.0f} msg/s ({base.setting})",
+                (row.throughput, base.throughput),
+            )  # fmt: skip
+        else:
+            add(name + suffix, None, f">= {limit}", None, f"needs {needs}")
+
+
 def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
     s = bench.s
     assert bench.sink is not None
@@ -1195,9 +1560,17 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
         + (" (--quick)" if s.quick else "")
         + f": {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
         f" {elapsed:.0f} s",
-        f"relay: {bench.version}; upstream sink: {bench.sink.kind}; load: "
+        f"relay: {bench.version}; uvloop "
+        + ("importable (the relay runs on it)" if bench.uvloop else "NOT importable (asyncio loop)")
+        + f" in the relay's interpreter ({sys.executable}); upstream sink: {bench.sink.kind}",
+        "load: "
         + ("Postfix smtp-source" if s.smtp_source else "bench/loadgen.py")
-        + " for throughput and CPU, bench/loadgen.py for latency; 20 sessions, 4 KB messages",
+        + " for throughput and CPU, bench/loadgen.py for latency; 4 KB messages; shapes: "
+        + ", ".join(SHAPE_TITLES[x] for x in s.shapes)
+        + f"; throughput swept over {'/'.join(map(str, s.sessions))} sessions (relay)"
+        + (f" and {len(s.postfix_sweep)} Postfix points" if s.postfix else "")
+        + (" (--quick: reduced sweep)" if s.quick else "")
+        + f"; latency at {LATENCY_SESSIONS} sessions",
         "Postfix relay and Postfix + OpenDKIM: "
         + (
             "throwaway instance on loopback (queue on disk)"
@@ -1208,6 +1581,15 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
         table(bench),
         "",
     ]
+    sweeps = sweep_table(bench)
+    if any(r.sweep for r in bench.rows):
+        lines += [sweeps, ""]
+    redis_text, redis_data = redis_table(bench)
+    if redis_text:
+        lines += [redis_text, ""]
+    sizing_text, sizing_data = sizing(bench)
+    if sizing_text:
+        lines += [sizing_text, ""]
     info = bench.redis_info
     lines.append(
         "Redis memory per stored address (INFO memory used_memory): "
@@ -1233,7 +1615,7 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
     disturbed = []
     for r in bench.rows:
         if r.throughput and r.throughput.outside_share > QUIET_SHARE:
-            disturbed.append(f"{r.id} W={r.workers} ({r.throughput.outside_share:.0%})")
+            disturbed.append(f"{r.label} ({r.throughput.outside_share:.0%})")
     if disturbed:
         lines.append("")
         lines.append(
@@ -1244,7 +1626,7 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
     lines.append("")
     if errors:
         lines.append(f"ERRORS ({len(errors)}):")
-        lines.extend(f"- {r.id} w={r.workers}: {e}" for r, e in errors[:30])
+        lines.extend(f"- {r.label}: {e}" for r, e in errors[:30])
     else:
         lines.append(
             "Checks: every copy expected reached the sink and no more, no client saw an error,"
@@ -1266,12 +1648,12 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
                 if k not in ("machine", "tree", "ours")
             )
             w = f" W={r.workers}" if r.kind == "relay" else ""
-            lines.append(f"- {r.id}{w}: {parts}")
+            lines.append(f"- {r.id}{w} {r.shape}: {parts}")
     stage_lines = []
     for r in bench.rows:
         if r.kind == "relay" and r.stages_ms:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r.stages_ms.items())
-            stage_lines.append(f"- {r.id} W={r.workers}: {parts}")
+            stage_lines.append(f"- {r.label}: {parts}")
     profiles = [r for r in bench.rows if r.profile and Path(r.profile).exists()]
     if profiles:
         lines.append("")
@@ -1293,7 +1675,12 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
         "driver": "smtp-source" if s.smtp_source else "loadgen",
         "postfix": s.postfix,
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "uvloop_importable": bench.uvloop,
+        "shapes": s.shapes,
+        "postfix_profiles": POSTFIX_PROFILES,
         "redis": info,
+        "redis_per_message": redis_data,
+        "sizing": sizing_data,
         "rows": [
             asdict(r)
             | {
@@ -1302,10 +1689,10 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
                 "delivered_copies_per_s": r.throughput.copies_rate if r.throughput else None,
                 "cpu_us_per_msg": r.cpu_us(),
                 "relay_cpu_us_per_msg": r.relay_cpu_us(),
-                "added_p50_ms": added(r, bench.baselines.get(("sink", r.rcpts)), "p50")
+                "added_p50_ms": added(r, bench.baselines.get(("sink", r.rcpts, r.shape)), "p50")
                 if r.kind == "relay"
                 else None,
-                "added_p99_ms": added(r, bench.baselines.get(("sink", r.rcpts)), "p99")
+                "added_p99_ms": added(r, bench.baselines.get(("sink", r.rcpts, r.shape)), "p99")
                 if r.kind == "relay"
                 else None,
                 "added_p99_half_rate_ms": added_half(r) if r.kind == "relay" else None,
@@ -1314,7 +1701,7 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
         ],
         "targets": result_targets,
         "disturbed": disturbed,
-        "errors": [f"{r.id} w={r.workers}: {e}" for r, e in errors],
+        "errors": [f"{r.label}: {e}" for r, e in errors],
     }
     return "\n".join(lines), data
 
@@ -1340,6 +1727,14 @@ def relay_version(source: Path) -> str:
     return head + (" + uncommitted changes in relay/" if dirty else "") + where
 
 
+def uvloop_importable(source: Path) -> bool:
+    """Whether ``import uvloop`` works where the relay runs (relay/runtime/loop.py uses it)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import uvloop"], cwd=source, capture_output=True, check=False
+    )
+    return done.returncode == 0
+
+
 def become_subreaper() -> None:
     """Postfix's master daemonizes: make its orphans our children so they can be reaped."""
     with contextlib.suppress(OSError, AttributeError):
@@ -1357,7 +1752,7 @@ def reap() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short phases, under a minute")
+    p.add_argument("--quick", action="store_true", help="short phases, reduced sweep, ~2 min")
     p.add_argument(
         "--smoke", action="store_true", help="a few seconds: tx-1, W=1, no Postfix (for tests)"
     )
@@ -1366,6 +1761,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="comma list of scenario ids (e.g. tx-1,mkt-rsa-1)")
     p.add_argument("--duration", type=float, default=None, help="seconds per throughput phase")
     p.add_argument("--no-postfix", action="store_true", help="ignore an installed Postfix")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of load shapes: persistent (a session keeps its connection),"
+        " connection (a new connection per message); default both",
+    )
+    p.add_argument(
+        "--sessions",
+        default=None,
+        help="comma list: the relay's throughput sweep (default 20,100, as Postfix's)",
+    )
     p.add_argument(
         "--wait-quiet",
         type=float,
@@ -1394,10 +1800,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.quick:
         settings = Settings(True, 1.0, 0.6, 0.6, [2], have_postfix, have_postfix, None)
+        settings.sessions = list(RELAY_SESSIONS_QUICK)
+        settings.postfix_sweep = list(POSTFIX_SWEEP_QUICK)
     else:
         settings = Settings(False, 4.0, 2.5, 3.0, [2, 1], have_postfix, have_postfix, None)
     if args.smoke:
         settings = Settings(True, 0.3, 0.3, 0.3, [1], False, False, {"tx-1"})
+        settings.sessions = [LATENCY_SESSIONS]
         args.no_postfix = True
     if args.workers:
         settings.workers = [int(w) for w in args.workers.split(",")]
@@ -1405,6 +1814,14 @@ def main(argv: list[str] | None = None) -> int:
         settings.duration = args.duration
     if args.only:
         settings.only = set(args.only.split(","))
+    if args.shapes:
+        settings.shapes = [x.strip() for x in args.shapes.split(",")]
+        unknown = set(settings.shapes) - set(SHAPES)
+        if unknown:
+            log(f"--shapes: unknown {', '.join(sorted(unknown))} (known: {', '.join(SHAPES)})")
+            return 2
+    if args.sessions:
+        settings.sessions = [int(n) for n in args.sessions.split(",")]
     if args.wait_quiet is not None:
         settings.wait_quiet = args.wait_quiet
     elif settings.quick:
