@@ -15,7 +15,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.smtp.server import TOO_LONG, TOO_MUCH, BareLineFeedTerminator, _CrlfReader
+from relay.config import SmtpConfig
+from relay.limits import ConnectionLimiter
+from relay.smtp.server import (
+    TOO_LONG,
+    TOO_MUCH,
+    BareLineFeedTerminator,
+    RelayHandler,
+    RelaySMTP,
+    _CrlfReader,
+)
 
 
 def reference(stream: bytes) -> tuple[bytes, bytes]:
@@ -143,3 +152,16 @@ async def test_bare_lf_terminator_raises_even_when_split() -> None:
 async def test_eof_before_the_end_of_data_is_a_lost_connection() -> None:
     with pytest.raises(ConnectionResetError):
         await read([b"Subject: cut\r\n\r\nhalf"], eof=True)
+
+
+def test_aiosmtpd_finds_every_command_and_hook_through_the_cached_names() -> None:
+    handler = RelayHandler.__new__(RelayHandler)  # only its methods are looked at
+    handler.limiter = ConnectionLimiter(1, 1)
+    server = RelaySMTP(handler, SmtpConfig())
+    every = object.__dir__(server)
+    assert set(server._smtp_methods) == {n[5:] for n in every if n.startswith("smtp_")}
+    assert {n for n in object.__dir__(handler) if n.startswith("handle_")} == {
+        f"handle_{n}" for n in server._handle_hooks
+    }
+    assert {"DATA", "EHLO", "MAIL", "RCPT"} <= set(server._handle_hooks)
+    assert {"PLAIN", "LOGIN"} <= set(server._auth_methods)
