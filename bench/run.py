@@ -702,6 +702,8 @@ class Bench:
         self.best_profile: dict[tuple[str, str], str] = {}  # Postfix's, per (path, shape)
         self.version = relay_version(settings.relay_dir)
         self.uvloop = uvloop_importable(settings.relay_dir)
+        self.sign_floor: dict[str, float] = {}
+        """Seconds of CPU per signature, by algorithm (cryptography, one core, this machine)."""
         self.quiet_budget = settings.wait_quiet
 
     # -- setup ---------------------------------------------------------------
@@ -712,6 +714,11 @@ class Bench:
         self.keys["ed"], _ = dkim_keygen("ed.bench.test", "bed", "ed25519", 0, keys)
         self.keys["token"] = keys / "token-b1.key"
         token_keygen(self.keys["token"])
+        self.sign_floor = signature_floor(self.keys)
+        log(
+            "signature floor: "
+            + ", ".join(f"{k} {v * 1e6:.0f} µs" for k, v in self.sign_floor.items())
+        )
 
         self.redis = EmbeddedRedis().start()
         log(f"redis: {self.redis.binary} on port {self.redis.port}")
@@ -1475,14 +1482,30 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
 
     for shape in bench.s.shapes:
         ratio_targets(bench, w, shape, add)
+    floor = bench.sign_floor.get("rsa-2048")
+    floor_note = f"; an RSA-2048 signature alone costs {floor * 1000:.2f} ms here" if floor else ""
     mkt = find(bench, "mkt-rsa-1", w)
     if mkt and mkt.cpu_us() is not None:
         cpu = mkt.cpu_us()
         assert cpu is not None
         add(
-            "CPU per signed marketing message <= 1.5 ms (machine, all processes)", cpu / 1000,
-            "<= 1.5 ms", cpu <= 1500,
-            f"mkt-rsa-1 W={w}: {cpu:.0f} µs machine, {mkt.relay_cpu_us() or 0:.0f} µs relay only",
+            "CPU per signed marketing message <= 1.0 ms (machine, all processes)", cpu / 1000,
+            "<= 1.0 ms", cpu <= 1000,
+            f"mkt-rsa-1 W={w}: {cpu:.0f} µs machine, {mkt.relay_cpu_us() or 0:.0f} µs relay"
+            f" only{floor_note}",
+        )  # fmt: skip
+    fan = find(bench, "mkt-rsa-100", w)
+    if fan and fan.throughput and fan.throughput.copies_rate:
+        rate = fan.throughput.copies_rate
+        ceiling = (
+            f"; {os.cpu_count()} cores signing, nothing else:"
+            f" {(os.cpu_count() or 1) / floor:,.0f}/s"
+            if floor
+            else ""
+        )
+        add(
+            "100-recipient fan-out >= 5,000 signed copies/s", rate, ">= 5,000", rate >= 5000,
+            f"mkt-rsa-100 W={w}: {rate:,.0f} copies/s{ceiling}", (fan.throughput,),
         )  # fmt: skip
     worst: tuple[float, Row] | None = None
     for r in bench.rows:
@@ -1563,6 +1586,8 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
         f"relay: {bench.version}; uvloop "
         + ("importable (the relay runs on it)" if bench.uvloop else "NOT importable (asyncio loop)")
         + f" in the relay's interpreter ({sys.executable}); upstream sink: {bench.sink.kind}",
+        "signature floor (one core, cryptography): "
+        + ", ".join(f"{k} {v * 1e6:.0f} µs" for k, v in bench.sign_floor.items()),
         "load: "
         + ("Postfix smtp-source" if s.smtp_source else "bench/loadgen.py")
         + " for throughput and CPU, bench/loadgen.py for latency; 4 KB messages; shapes: "
@@ -1676,6 +1701,7 @@ def report(bench: Bench, elapsed: float) -> tuple[str, dict[str, Any]]:
         "postfix": s.postfix,
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "uvloop_importable": bench.uvloop,
+        "signature_floor_seconds": bench.sign_floor,
         "shapes": s.shapes,
         "postfix_profiles": POSTFIX_PROFILES,
         "redis": info,
@@ -1725,6 +1751,30 @@ def relay_version(source: Path) -> str:
         return "unknown"
     where = "" if source == REPO else f" in {source}"
     return head + (" + uncommitted changes in relay/" if dirty else "") + where
+
+
+def signature_floor(keys: dict[str, Path], seconds: float = 1.0) -> dict[str, float]:
+    """CPU seconds per DKIM signature with the bench's keys: the cost no signer avoids.
+
+    The relay's own ``DkimKey.sign`` over 600 octets of header data (what a 4 KB
+    message's signed fields come to), timed on one core in this process.
+    """
+    from relay.config import DkimKeyConfig
+    from relay.mail.dkim import load_key
+
+    out: dict[str, float] = {}
+    for name, (domain, selector, path) in {
+        "rsa-2048": ("rsa.bench.test", "b2048", keys["rsa"]),
+        "ed25519": ("ed.bench.test", "bed", keys["ed"]),
+    }.items():
+        key = load_key(DkimKeyConfig(domain=domain, selector=selector, private_key_file=path))
+        data = os.urandom(600)
+        count, started = 0, time.process_time()
+        while time.process_time() - started < seconds / 2:
+            key.sign(data)
+            count += 1
+        out[name] = (time.process_time() - started) / count
+    return out
 
 
 def uvloop_importable(source: Path) -> bool:
