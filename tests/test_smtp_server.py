@@ -154,7 +154,7 @@ async def test_eof_before_the_end_of_data_is_a_lost_connection() -> None:
         await read([b"Subject: cut\r\n\r\nhalf"], eof=True)
 
 
-def test_aiosmtpd_finds_every_command_and_hook_through_the_cached_names() -> None:
+async def test_aiosmtpd_finds_every_command_and_hook_through_the_cached_names() -> None:
     handler = RelayHandler.__new__(RelayHandler)  # only its methods are looked at
     handler.limiter = ConnectionLimiter(1, 1)
     server = RelaySMTP(handler, SmtpConfig())
@@ -165,3 +165,40 @@ def test_aiosmtpd_finds_every_command_and_hook_through_the_cached_names() -> Non
     }
     assert {"DATA", "EHLO", "MAIL", "RCPT"} <= set(server._handle_hooks)
     assert {"PLAIN", "LOGIN"} <= set(server._auth_methods)
+
+
+async def test_a_multi_line_reply_is_one_write() -> None:
+    """EHLO's seven lines leave in one write (one segment), not one system call per line."""
+    writes: list[bytes] = []
+
+    class Recording(RelaySMTP):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.WriteTransport)
+            real = transport.write
+
+            def write(data: bytes | bytearray | memoryview) -> None:
+                writes.append(bytes(data))
+                real(data)
+
+            transport.write = write  # type: ignore[method-assign]
+            super().connection_made(transport)
+
+    handler = RelayHandler.__new__(RelayHandler)  # EHLO looks only at users and limiter
+    handler.limiter, handler.users = ConnectionLimiter(4, 4), None
+    config = SmtpConfig(hostname="relay.test")
+    server = await asyncio.get_running_loop().create_server(
+        lambda: Recording(handler, config), "127.0.0.1", 0
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        writer.write(b"EHLO client.test\r\n")
+        lines = [await reader.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(await asyncio.wait_for(reader.readline(), 5))
+        writer.close()
+    finally:
+        server.close()
+    assert len(lines) >= 5 and b"PIPELINING" in b"".join(lines)
+    assert writes[1] == b"".join(lines)  # writes[0] is the greeting

@@ -274,6 +274,8 @@ class RelaySMTP(LimitedConnections, SMTP):
         self._stream_reader.__class__ = _CrlfReader  # type: ignore[attr-defined]
         self.trusted = False
         """The client is in allowed_networks; others must authenticate before MAIL."""
+        self._continued: list[str] = []
+        """The lines of a multi-line reply written so far (see ``push``)."""
 
     def eof_received(self) -> bool | None:
         """EOF: finish what the client sent before it, answer it, then end the session.
@@ -398,11 +400,22 @@ class RelaySMTP(LimitedConnections, SMTP):
         await self.push("250 OK" if status is MISSING else status)
 
     async def push(self, status: AnyStr) -> None:
+        """One reply, one write: the lines of a multi-line reply (EHLO's) go out together.
+
+        aiosmtpd writes each line on its own, a system call apiece; ``250-`` lines are
+        held until the reply's last line, so an EHLO reply is one segment, not seven.
+        """
         if isinstance(status, str):
             text = with_enhanced_code(status)
+            if text[3:4] == "-":
+                self._continued.append(text)
+                return
             code = text[:3]
             if code[:1] in ("4", "5") and code.isdigit():
                 self._metrics.rejected.labels(code, text[4:9].strip()).inc()
+            if self._continued:
+                text = "\r\n".join([*self._continued, text])
+                self._continued.clear()
             await super().push(text)
         else:
             await super().push(status)
