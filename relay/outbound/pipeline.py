@@ -20,7 +20,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from prometheus_client import Histogram
@@ -133,6 +132,22 @@ class Trace:
     queued: int = 0
 
 
+class _Timed:
+    """Time one block into a histogram: a plain context manager, cheaper than a generator."""
+
+    __slots__ = ("_histogram", "_started")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        self._histogram.observe(time.perf_counter() - self._started)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -207,16 +222,12 @@ class Pipeline:
             return NO_SMTPUTF8
         return None
 
-    @contextmanager
-    def _stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            child = self._stages.get(name)
-            if child is None:
-                child = self._stages[name] = self._metrics.stage.labels(name)
-            child.observe(time.perf_counter() - started)
+    def _stage(self, name: str) -> _Timed:
+        """Time a block into the stage histogram (``oneclick_stage_seconds``)."""
+        histogram = self._stages.get(name)
+        if histogram is None:
+            histogram = self._stages[name] = self._metrics.stage.labels(name)
+        return _Timed(histogram)
 
     async def _run(self, envelope: Envelope, trace: Trace) -> SmtpReply:
         prepared = await self._prepare(envelope, trace, received=True, split_shared=True)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import re
 import ssl
-from typing import Any, AnyStr
+from typing import Any, AnyStr, ClassVar
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as AioEnvelope
@@ -175,11 +174,6 @@ def _bare_terminator(data: bytes | bytearray, start: int, stop: int) -> bool:
     return False
 
 
-@functools.cache
-def _hook_names(cls: type) -> list[str]:
-    return [name for name in dir(cls) if name.startswith(("smtp_", "auth_", "handle_"))]
-
-
 class HookNames:
     """``dir()`` gives only the command and hook names, from a per-class cache.
 
@@ -189,8 +183,15 @@ class HookNames:
     The names are the class's and never change, so they are listed once.
     """
 
+    _names: ClassVar[dict[type, list[str]]] = {}
+
     def __dir__(self) -> list[str]:
-        return _hook_names(type(self))
+        cls = type(self)
+        names = HookNames._names.get(cls)
+        if names is None:
+            prefixes = ("smtp_", "auth_", "handle_")
+            names = HookNames._names[cls] = [n for n in dir(cls) if n.startswith(prefixes)]
+        return names
 
 
 class LimitedConnections(HookNames):
