@@ -322,7 +322,7 @@ def test_suppression_examples_run_as_written(config_file: Path, tmp_path: Path) 
     (tmp_path / "customers.csv").write_text("address,name\ncarol@example.com,Carol\n")
     (tmp_path / "back.csv").write_text("address\nbob@example.com\n")
     env = {**os.environ, "ONECLICK_RELAY_CONFIG": str(config_file)}
-    lines = readme_block("(`suppress pattern add`), and are checked in the same single")
+    lines = readme_block("(`suppress pattern add`), and are checked in the same round trip")
     assert len(lines) >= 10, lines
 
     def run_here(argv: list[str]) -> subprocess.CompletedProcess[str]:

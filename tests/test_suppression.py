@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from helpers import NOW, Clock
 from redis.asyncio import Redis
@@ -320,3 +322,55 @@ def test_scope_helpers() -> None:
     assert describe_scope(GLOBAL) == "global"
     assert describe_scope("g:newsletter") == "group:newsletter"
     assert describe_scope("s:news@example.com") == "sender:news@example.com"
+
+
+# ---------------------------------------------------------------------------
+# The stored pattern set, reused between lookups
+
+
+async def commands(redis: Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+async def test_a_one_recipient_lookup_is_one_command_while_the_patterns_are_fresh(
+    redis: Redis, clock: Clock
+) -> None:
+    store = SuppressionStore(redis, "ocr", clock=clock, patterns_refresh=60)
+    await store.lookup([ALICE], NEWSLETTER)  # reads the pattern set
+    before = await commands(redis)
+    for _ in range(5):
+        await store.lookup([ALICE], NEWSLETTER)
+    after = await commands(redis)
+    assert after.get("hgetall", 0) - before.get("hgetall", 0) == 5
+    assert after.get("smembers", 0) == before.get("smembers", 0)
+
+
+async def test_a_pattern_added_elsewhere_applies_within_patterns_refresh(
+    redis: Redis, clock: Clock
+) -> None:
+    relay_store = SuppressionStore(redis, "ocr", clock=clock, patterns_refresh=0.3)
+    admin_store = SuppressionStore(redis, "ocr", clock=clock)  # another process, say the CLI
+    address = "x@trap.example"
+    assert not (await relay_store.lookup([address], NEWSLETTER)).blocked
+    assert await admin_store.add_pattern("trap.example", "test")
+    # a fan-out reads the pattern set only when it is stale too
+    assert not (await relay_store.lookup([address, ALICE], NEWSLETTER)).blocked
+    await asyncio.sleep(0.35)
+    assert (await relay_store.lookup([address], NEWSLETTER)).blocked[address].source == (
+        "*@trap.example"
+    )
+    assert await admin_store.remove_pattern("trap.example", "test")
+    await asyncio.sleep(0.35)
+    assert not (await relay_store.lookup([address], NEWSLETTER)).blocked
+
+
+async def test_a_pattern_added_through_the_same_store_applies_at_once(
+    redis: Redis, clock: Clock
+) -> None:
+    store = SuppressionStore(redis, "ocr", clock=clock, patterns_refresh=60)
+    assert not (await store.lookup(["y@trap.example"], NEWSLETTER)).blocked
+    assert await store.add_pattern("trap.example", "test")
+    assert (await store.lookup(["y@trap.example"], NEWSLETTER)).blocked
+    assert await store.remove_pattern("trap.example", "test")
+    assert not (await store.lookup(["y@trap.example"], NEWSLETTER)).blocked

@@ -256,6 +256,11 @@ class ImportRow:
     reason: str
 
 
+PATTERNS_REFRESH = 2.0
+"""Seconds a lookup reuses the stored pattern set: one Redis command per 1-recipient
+message instead of two; a pattern added or removed elsewhere applies within this time."""
+
+
 class SuppressionStore:
     def __init__(
         self,
@@ -263,12 +268,17 @@ class SuppressionStore:
         prefix: str = "ocr",
         clock: Callable[[], float] = time.time,
         policy: SuppressionPolicy | None = None,
+        patterns_refresh: float = PATTERNS_REFRESH,
     ) -> None:
+        """``patterns_refresh``: seconds a lookup reuses the stored pattern set it read."""
         self._redis = redis
         self._prefix = prefix
         self._keys = Keys(prefix)
         self._clock = clock
         self._matcher = _Patterns()
+        self._patterns_refresh = patterns_refresh
+        self._stored_patterns: frozenset[str] | None = None
+        self._patterns_read = 0.0  # time.monotonic() of the last read
         self.set_policy(policy or SuppressionPolicy())
         self._add = redis.register_script(_ADD_SCRIPT)
         self._soft = redis.register_script(_SOFT_SCRIPT)
@@ -302,17 +312,28 @@ class SuppressionStore:
     async def lookup(self, recipients: Sequence[str], route: Route) -> Lookup:
         """Who is blocked, and who has an open failure streak (a success may end it).
 
-        One pipelined round trip for all recipients and the pattern list.
+        One round trip: a pipeline for all recipients, with the stored pattern set when
+        it is older than ``patterns_refresh``; a lone HGETALL for one recipient otherwise.
         """
         normalized = [normalize_address(r) for r in recipients]
+        stored = self._stored_patterns
+        refresh = stored is None or time.monotonic() - self._patterns_read >= self._patterns_refresh
+        results: list[Any]
         with unavailable("suppression lookup"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for address in normalized:
-                    pipe.hgetall(self.key(address))
-                pipe.smembers(self.patterns_key)
-                results = await pipe.execute()
+            if len(normalized) == 1 and not refresh:  # most messages: one command, no pipeline
+                results = [await self._redis.hgetall(self.key(normalized[0]))]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for address in normalized:
+                        pipe.hgetall(self.key(address))
+                    if refresh:
+                        pipe.smembers(self.patterns_key)
+                    results = await pipe.execute()
+        if refresh or stored is None:
+            stored = self._stored_patterns = frozenset(p.decode() for p in results.pop())
+            self._patterns_read = time.monotonic()
         now = self._clock()
-        patterns = self._config_patterns | {p.decode() for p in results.pop()}
+        patterns = self._config_patterns | stored
         check_patterns = bool(patterns) and (
             route.is_marketing or self.policy.patterns_block_transactional
         )
@@ -551,6 +572,7 @@ class SuppressionStore:
         pattern = normalize_pattern(pattern)
         with unavailable("pattern write"):
             new = bool(await self._redis.sadd(self.patterns_key, pattern))
+            self._stored_patterns = None  # this process sees its own change at once
             if new:
                 await self._event("add", pattern, GLOBAL, "pattern", source, "")
         return new
@@ -559,6 +581,7 @@ class SuppressionStore:
         pattern = normalize_pattern(pattern)
         with unavailable("pattern write"):
             gone = bool(await self._redis.srem(self.patterns_key, pattern))
+            self._stored_patterns = None
             if gone:
                 await self._event("remove", pattern, GLOBAL, "pattern", source, "")
         return gone
