@@ -80,20 +80,25 @@ class Packet:
 
 
 async def read_packet(reader: asyncio.StreamReader, timeout: float) -> Packet | None:
-    """The next packet, or None at a clean end of stream between packets."""
-    try:
-        head = await asyncio.wait_for(reader.readexactly(4), timeout)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise ProtocolError("connection closed inside a packet length") from None
-    (length,) = struct.unpack("!I", head)
-    if not 1 <= length <= MAX_PACKET:
-        raise ProtocolError(f"packet length {length} out of range")
-    try:
-        body = await asyncio.wait_for(reader.readexactly(length), timeout)
-    except asyncio.IncompleteReadError:
-        raise ProtocolError("connection closed inside a packet") from None
+    """The next packet, or None at a clean end of stream between packets.
+
+    One ``asyncio.timeout`` for the whole packet: ``wait_for`` starts a task per call,
+    and a message is a dozen packets or more.
+    """
+    async with asyncio.timeout(timeout):
+        try:
+            head = await reader.readexactly(4)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return None
+            raise ProtocolError("connection closed inside a packet length") from None
+        (length,) = struct.unpack("!I", head)
+        if not 1 <= length <= MAX_PACKET:
+            raise ProtocolError(f"packet length {length} out of range")
+        try:
+            body = await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise ProtocolError("connection closed inside a packet") from None
     return Packet(body[:1], body[1:])
 
 
