@@ -17,9 +17,12 @@ from typing import Any
 import dkim
 import pytest
 from conftest import Keys, Sink
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from milterclient import MilterClient, Reply
 
 from relay.mail.message import Header
+from relay.milter import protocol as p
 from relay.milter.server import HeaderEdits
 from relay.runtime.app import Relay
 from relay.suppression.store import GLOBAL, group_scope
@@ -287,3 +290,62 @@ async def test_verp_return_path_set_with_chgfrom_for_marketing_only(
     replies = await client.message("receipts@example.com", ["alice@example.net"], headers, BODY)
     assert not [r for r in replies if r.command == "e"]  # transactional: unchanged
     await client.close()
+
+
+# ---------------------------------------------------------------------------
+# Packets split from whole reads (relay.milter.protocol.PacketReader)
+
+
+async def packets_from(chunks: list[bytes], eof: bool = True) -> list[p.Packet | None]:
+    reader = asyncio.StreamReader()
+    packets = p.PacketReader(reader)
+    out: list[p.Packet | None] = []
+
+    async def feed() -> None:
+        for chunk in chunks:
+            await asyncio.sleep(0)
+            reader.feed_data(chunk)
+        if eof:
+            reader.feed_eof()
+
+    feeder = asyncio.ensure_future(feed())
+    while True:
+        packet = await packets.next(5)
+        out.append(packet)
+        if packet is None:
+            break
+    await feeder
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=0), max_size=10),
+)
+async def test_any_split_of_the_stream_gives_the_same_packets(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(p.packet(p.HEADER, body) for body in bodies)
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    got = await packets_from([c for c in chunks if c])
+    assert got == [p.Packet(p.HEADER, body) for body in bodies] + [None]
+
+
+@pytest.mark.parametrize("cut", [2, 7])
+async def test_a_stream_that_ends_inside_a_packet_is_a_protocol_error(cut: int) -> None:
+    with pytest.raises(p.ProtocolError, match="connection closed inside"):
+        await packets_from([p.packet(p.BODY, b"hello world")[:cut]])
+
+
+async def test_an_absurd_length_is_refused_before_anything_is_read_for_it() -> None:
+    with pytest.raises(p.ProtocolError, match="out of range"):
+        await packets_from([struct.pack("!I", p.MAX_PACKET + 1) + b"B"], eof=False)
+
+
+async def test_a_packet_that_never_completes_times_out() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(p.packet(p.BODY, b"x" * 100)[:50])
+    with pytest.raises(TimeoutError):
+        await p.PacketReader(reader).next(0.2)

@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 
 VERSION = 6
+MAX_READ = 1 << 16
+"""Octets asked of the stream per read."""
 MAX_PACKET = 1024 * 1024
 """Postfix sends body chunks of at most 64 KiB; anything far larger is a broken peer."""
 
@@ -79,27 +81,37 @@ class Packet:
     data: bytes
 
 
-async def read_packet(reader: asyncio.StreamReader, timeout: float) -> Packet | None:
-    """The next packet, or None at a clean end of stream between packets.
+class PacketReader:
+    """Packets out of the stream, split from whole reads: a message is a dozen packets or
+    more, and two ``readexactly`` awaits apiece cost more than the splitting."""
 
-    One ``asyncio.timeout`` for the whole packet: ``wait_for`` starts a task per call,
-    and a message is a dozen packets or more.
-    """
-    async with asyncio.timeout(timeout):
-        try:
-            head = await reader.readexactly(4)
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                return None
-            raise ProtocolError("connection closed inside a packet length") from None
-        (length,) = struct.unpack("!I", head)
-        if not 1 <= length <= MAX_PACKET:
-            raise ProtocolError(f"packet length {length} out of range")
-        try:
-            body = await reader.readexactly(length)
-        except asyncio.IncompleteReadError:
-            raise ProtocolError("connection closed inside a packet") from None
-    return Packet(body[:1], body[1:])
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._buffer = bytearray()
+
+    async def next(self, timeout: float) -> Packet | None:
+        """The next packet, or None at a clean end of stream between packets.
+
+        The whole packet arrives within ``timeout`` or ``TimeoutError`` is raised.
+        """
+        buffer = self._buffer
+        async with asyncio.timeout(timeout):
+            while True:
+                if len(buffer) >= 4:
+                    (length,) = struct.unpack_from("!I", buffer)
+                    if not 1 <= length <= MAX_PACKET:
+                        raise ProtocolError(f"packet length {length} out of range")
+                    if len(buffer) >= 4 + length:
+                        packet = Packet(bytes(buffer[4:5]), bytes(buffer[5 : 4 + length]))
+                        del buffer[: 4 + length]
+                        return packet
+                chunk = await self._reader.read(MAX_READ)
+                if not chunk:
+                    if not buffer:
+                        return None
+                    where = "packet length" if len(buffer) < 4 else "packet"
+                    raise ProtocolError(f"connection closed inside a {where}")
+                buffer += chunk
 
 
 def packet(command: bytes, data: bytes = b"") -> bytes:

@@ -124,7 +124,7 @@ class MilterSession:
         writer: asyncio.StreamWriter,
     ) -> None:
         self._front = front
-        self._reader = reader
+        self._packets = p.PacketReader(reader)
         self._writer = writer
         self._protocol = 0
         self._leading_space = False
@@ -151,7 +151,7 @@ class MilterSession:
         command = b""
         try:
             while True:
-                packet = await p.read_packet(self._reader, timeout)
+                packet = await self._packets.next(timeout)
                 if packet is None:
                     return
                 command = packet.command
