@@ -225,3 +225,45 @@ async def start_serve(path: Path, log: Path, smtp_port: int) -> subprocess.Popen
             await asyncio.sleep(0.1)
     proc.kill()
     raise AssertionError(f"relay did not start:\n{log.read_text()}")  # noqa: ASYNC240
+
+
+def self_signed_certificate(
+    folder: Path, name: str, san: list[Any], *, ca: bool = False, prefix: str = ""
+) -> tuple[Path, Path]:
+    """A P-256 certificate for ``san`` (x509 general names), signed by its own key, and that
+    key, written as PEM files in ``folder``; ``ca`` marks it a CA (a client's trust root)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        )
+    cert = builder.sign(key, hashes.SHA256())
+    cert_path, key_path = folder / f"{prefix}cert.pem", folder / f"{prefix}key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

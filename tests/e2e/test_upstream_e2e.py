@@ -20,7 +20,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,7 @@ import dkim
 import pytest
 from conftest import Keys, Sink
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from helpers import smtp_send
+from helpers import self_signed_certificate, smtp_send
 from postfix import Postfix, own_folder, postfix_binary
 
 from relay.config import UpstreamConfig
@@ -432,34 +428,8 @@ async def test_reply_timeout_is_a_drop(
 
 def loopback_certificate(folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate for IP 127.0.0.1 (the upstream's host name)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "raw.test")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "upstream-cert.pem", folder / "upstream-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    return self_signed_certificate(folder, "raw.test", san, ca=True, prefix="upstream-")
 
 
 async def test_pipelined_over_starttls_and_the_connection_is_reused(
