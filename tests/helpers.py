@@ -203,9 +203,12 @@ def perl_dkim_results(data: bytes, dns_file: Path) -> list[tuple[str, list[str]]
     return results
 
 
-async def start_serve(path: Path, log: Path, smtp_port: int) -> subprocess.Popen[str]:
+async def start_serve(
+    path: Path, log: Path, smtp_port: int, tries: int = 150
+) -> subprocess.Popen[str]:
     """``oneclick-relay serve -c path`` as a child, output in ``log``; returns once its SMTP
-    port answers (fails the test, with the log, if it exits or never listens)."""
+    port answers (fails the test, with the log, if it exits or does not listen within
+    ``tries`` tenths of a second)."""
     with log.open("w") as out:
         proc = subprocess.Popen(  # noqa: ASYNC220 - a long-running child, not awaited here
             [sys.executable, "-m", "relay", "serve", "-c", str(path)],
@@ -213,7 +216,7 @@ async def start_serve(path: Path, log: Path, smtp_port: int) -> subprocess.Popen
             stderr=subprocess.STDOUT,
             text=True,
         )
-    for _ in range(150):
+    for _ in range(tries):
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", smtp_port)
             writer.close()

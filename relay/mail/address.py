@@ -109,8 +109,10 @@ def _is_dot_atom(text: str) -> bool:
 _SPECIALS = frozenset('"(),:;<>@[\\]')
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+"""An ASCII dot-atom (RFC 5322 3.2.3) as a regular expression, for local parts."""
 _PLAIN = re.compile(
-    rf"{_ATEXT}(?:\.{_ATEXT})*@(?:(?!-)[A-Za-z0-9-]{{1,63}}(?<!-)\.)*(?!-)[A-Za-z0-9-]{{1,63}}(?<!-)"
+    rf"{DOT_ATOM}@(?:(?!-)[A-Za-z0-9-]{{1,63}}(?<!-)\.)*(?!-)[A-Za-z0-9-]{{1,63}}(?<!-)"
 )
 """An ASCII dot-atom at a host name: what almost every envelope address is."""
 

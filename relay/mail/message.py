@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 
 from relay.errors import PermFail
+from relay.mail.address import DOT_ATOM
 
 MAX_LINE = 998
 MAX_HEADER_BLOCK = 256 * 1024
@@ -185,8 +186,7 @@ def _split_fields(block: bytes) -> tuple[list[Header], int | None]:
     return fields, None
 
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_ADDR = rf"{DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _SIMPLE_FROM = re.compile(
     rf"""\s*(?:(?:[A-Za-z0-9 ._-]*|"[^"\\\r\n]*")\s*<({_ADDR})>|({_ADDR}))\s*"""
 )

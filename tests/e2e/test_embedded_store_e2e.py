@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 from conftest import Sink
-from helpers import message, smtp_send, unsubscribe_token, write_yaml
+from helpers import message, smtp_send, start_serve, unsubscribe_token, write_yaml
 
 from relay.store.embedded import free_port
 
@@ -54,25 +54,7 @@ class Served:
 
 
 async def serve(config: Path, smtp: int, log: Path) -> Served:
-    with log.open("w") as out:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - a long-running child, not awaited here
-            [sys.executable, "-m", "relay", "serve", "-c", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", smtp)
-            writer.close()
-            await writer.wait_closed()
-            return Served(proc, log)
-        except OSError:
-            if proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"relay did not start:\n{Served(proc, log).output()}")
+    return Served(await start_serve(config, log, smtp, tries=200), log)
 
 
 def server_pids(data_dir: Path) -> list[int]:
