@@ -400,6 +400,12 @@ class RelaySMTP(LimitedConnections, SMTP):
                 self.transport.close()
             return
         if isinstance(data, str):  # over a limit: answered after the dot, nothing kept
+            peer = self.session.peer if self.session else None
+            log.warning(
+                "refused",
+                client=peer[0] if isinstance(peer, tuple) else "unknown",
+                reason="message-too-big" if data == TOO_MUCH else "line-too-long",
+            )
             await self.push(data)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return

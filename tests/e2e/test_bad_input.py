@@ -397,10 +397,13 @@ async def test_too_many_recipients_is_452_4_5_3(relay: Relay, sink: Sink) -> Non
     await assert_still_serves(relay, sink)
 
 
-async def test_oversize_message_is_552_5_3_4(relay: Relay, sink: Sink) -> None:
+async def test_oversize_message_is_552_5_3_4(
+    relay: Relay, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
     body = (b"z" * 900 + b"\r\n") * 1200  # ~1.1 MB > max_message_size (1 MiB)
     reply = await transact(relay.smtp_port, plain(body=body))
     assert (reply.code, reply.enhanced) == (552, "5.3.4"), reply
+    assert "refused client=127.0.0.1 reason=message-too-big" in caplog.text
     assert sink.handler.messages == []
     assert rejected(relay, 552, "5.3.4") == 1
     await assert_still_serves(relay, sink)
